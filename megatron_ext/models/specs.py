@@ -1,0 +1,109 @@
+"""Layer specs for the hybrid stack, from upstream megatron-core modules only.
+
+The stack is megatron-core's ``MambaStack`` with its four layer kinds. Which linear, norm
+and attention classes fill them comes from a megatron-core ``BackendSpecProvider``: the
+local provider (plain PyTorch, CPU-capable) or Transformer Engine's when it is installed.
+"""
+
+from __future__ import annotations
+
+from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from megatron_ext.compat import have_transformer_engine
+from megatron_ext.models.config import ConfigError
+
+BACKENDS = ("auto", "local", "te")
+
+
+def backend_provider(name: str) -> BackendSpecProvider:
+    """The spec provider for ``name``: ``local``, ``te``, or ``auto`` (TE when installed)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"model_backend: {name!r} is not one of {BACKENDS}")
+    if name == "auto":
+        name = "te" if have_transformer_engine() else "local"
+    if name == "te":
+        if not have_transformer_engine():
+            raise ConfigError("model_backend: 'te' needs transformer-engine (extra 'gpu')")
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def _norm_and_input_linear(backend: BackendSpecProvider):
+    """(pre-norm, input linear): fused norm+linear where the backend has it."""
+    if backend.fuse_layernorm_and_linear():
+        return IdentityOp, backend.column_parallel_layer_norm_linear()
+    return backend.layer_norm(rms_norm=True), backend.column_parallel_linear()
+
+
+def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleSpec:
+    """A ``MambaStack`` spec with Mamba, attention, MLP and MoE layers for ``backend``."""
+    norm, in_linear = _norm_and_input_linear(backend)
+    row = backend.row_parallel_linear()
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=norm,
+            mixer=ModuleSpec(
+                module=MambaMixer,
+                submodules=MambaMixerSubmodules(in_proj=in_linear, out_proj=row),
+            ),
+            mamba_bda=get_bias_dropout_add,
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=in_linear,
+                    core_attention=backend.core_attention(),
+                    linear_proj=row,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=in_linear, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+    moe = get_moe_module_spec_for_backend(backend, num_experts=max(num_experts, 1))
+    moe_layer = ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=backend.layer_norm(rms_norm=True), mlp=moe, mlp_bda=get_bias_dropout_add
+        ),
+    )
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=mamba_layer,
+            attention_layer=attention_layer,
+            mlp_layer=mlp_layer,
+            moe_layer=moe_layer,
+        ),
+    )

@@ -1,0 +1,133 @@
+"""Process-group set-up: one typed config, one function that returns the groups.
+
+Everything below the recipes receives a megatron-core ``ProcessGroupCollection`` explicitly;
+nothing deeper asks ``parallel_state`` for a group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.models.config import ConfigError, HybridModelConfig, require
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout: ``nproc`` ranks on this node split into TP × EP × DP (PP = 1)."""
+
+    nproc: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    backend: str = "auto"  # auto: nccl with CUDA, gloo without
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        for field in ("nproc", "tp", "ep", "pp"):
+            require(getattr(self, field) >= 1, f"parallel.{field}", "must be >= 1")
+        require(self.pp == 1, "parallel.pp", "pipeline parallelism is not supported yet")
+        require(
+            self.nproc % (self.tp * self.pp) == 0,
+            "parallel.nproc",
+            f"must be a multiple of tp*pp = {self.tp * self.pp}",
+        )
+        require(
+            self.nproc % self.ep == 0,
+            "parallel.ep",
+            f"must divide nproc={self.nproc} (expert parallelism is carved out of the ranks)",
+        )
+        require(
+            self.backend in ("auto", "gloo", "nccl"),
+            "parallel.backend",
+            "must be auto, gloo or nccl",
+        )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size."""
+        return self.nproc // (self.tp * self.pp)
+
+    def check_model(self, model: HybridModelConfig) -> None:
+        """Raise :class:`ConfigError` if ``model`` cannot be split this way."""
+        tp, ep = self.tp, self.ep
+        checks = [
+            ("model.hidden_size", model.hidden_size, tp, True),
+            ("model.vocab_size", model.vocab_size, tp, True),
+            ("model.num_attention_heads", model.num_attention_heads, tp, model.has("*")),
+            ("model.num_query_groups", model.num_query_groups, tp, model.has("*")),
+            ("model.ffn_hidden_size", model.ffn_hidden_size, tp, model.has("-")),
+            ("model.mamba_num_heads", model.mamba_num_heads, tp, model.has("M")),
+            ("model.mamba_num_groups", model.mamba_num_groups, tp, model.has("M")),
+            ("model.num_experts", model.num_experts, ep, model.has("E")),
+        ]
+        for field, value, size, applies in checks:
+            if applies and value % size:
+                raise ConfigError(f"{field}: {value} is not divisible by the parallel size {size}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(cfg: ParallelConfig):
+    """Initialise ``torch.distributed`` and megatron-core's model-parallel groups.
+
+    Works under torchrun/srun (reads ``RANK``/``WORLD_SIZE``) and as a single plain process
+    (a world of one on a free local port). Returns megatron's ``ProcessGroupCollection``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != cfg.nproc:
+            raise ConfigError(
+                f"parallel.nproc: config says {cfg.nproc} ranks but WORLD_SIZE is {world}"
+            )
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            world_size=world,
+            rank=int(os.environ["RANK"]),
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep,
+    )
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def set_seed(seed: int) -> None:
+    """Seed the CPU generator and megatron's tracked model-parallel RNG states."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
