@@ -3,10 +3,11 @@
 Upstream site: ``megatron/core/ssm/mamba_mixer.py``. Without mamba-ssm the module sets
 ``HAVE_MAMBA_SSM = False`` (so ``MambaMixer.__init__`` raises), leaves the kernel names
 ``mamba_chunk_scan_combined`` / ``selective_state_update`` unset, and derives
-``ExtendedRMSNorm`` from a ``MagicMock`` (so the class itself is a mock, methods and all). This module points those globals at the kernels in
-:mod:`megatron_ext.models.mamba_kernels`, so the stock class (with upstream's parameter names
-and ``sharded_state_dict``) runs with ``use_mamba_mem_eff_path=False``. The causal conv
-falls back to the mixer's own ``nn.Conv1d`` path when ``causal_conv1d_fn`` is ``None``.
+``ExtendedRMSNorm`` from a ``MagicMock`` (so the class itself is a mock, methods and all).
+This module points those globals at the kernels in :mod:`megatron_ext.models.mamba_kernels`,
+so the stock class (with upstream's parameter names and ``sharded_state_dict``) runs with
+``use_mamba_mem_eff_path=False``. The causal conv falls back to the mixer's own
+``nn.Conv1d`` path when ``causal_conv1d_fn`` is ``None``.
 
 Upstream site: ``megatron/core/ssm/mamba_block.py`` builds ``MambaStack.final_norm`` with
 ``TENorm`` unconditionally; without Transformer Engine it is pointed at ``WrappedTorchNorm``.
@@ -19,12 +20,11 @@ import logging
 
 def install_torch_mamba_kernels() -> None:
     """Point ``MambaMixer``'s kernel globals at the pure-PyTorch implementations."""
+    from megatron.core import parallel_state
     from megatron.core.ssm import mamba_mixer
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     from megatron_ext.models import mamba_kernels
-
-    from megatron.core import parallel_state
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     class TorchExtendedRMSNorm(mamba_kernels.RMSNormGated):
         """Gated grouped RMSNorm, sharded along its weight's axis 0 like upstream's."""

@@ -5,13 +5,22 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from megatron.core.activations import squared_relu
 from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.models.specs import backend_provider, hybrid_stack_spec
 from megatron_ext.parallel import ParallelConfig
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)², Nano v3's expert activation.
+
+    Upstream's ``megatron.core.activations.squared_relu`` is wrapped in ``torch.compile``,
+    which recompiles for every new expert token count (dynamic MoE shapes); eager is faster.
+    """
+    return torch.relu(x).square()
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -87,7 +87,9 @@ def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleS
         module=MLPLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=in_linear, linear_fc2=row)),
+            mlp=ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=in_linear, linear_fc2=row)
+            ),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -95,7 +97,9 @@ def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleS
     moe_layer = ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=backend.layer_norm(rms_norm=True), mlp=moe, mlp_bda=get_bias_dropout_add
+            pre_mlp_layernorm=backend.layer_norm(rms_norm=True),
+            mlp=moe,
+            mlp_bda=get_bias_dropout_add,
         ),
     )
     return ModuleSpec(

@@ -1,0 +1,1 @@
+"""Typed run configs shared by the recipes, and their registration with Hydra."""

@@ -1,0 +1,35 @@
+"""Register the typed configs as Hydra structured configs (one schema per group)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from hydra.core.config_store import ConfigStore
+
+from megatron_ext.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    LoggerConfig,
+    RunConfig,
+    TrainConfig,
+)
+from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.parallel import ParallelConfig
+
+SCHEMAS = {
+    "model": HybridModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "logger": LoggerConfig,
+    "run": RunConfig,
+    "cluster": ClusterConfig,
+}
+
+
+@cache
+def register_schemas() -> None:
+    """Store each group's dataclass as ``<group>/schema`` for YAML files to extend."""
+    store = ConfigStore.instance()
+    for group, node in SCHEMAS.items():
+        store.store(group=group, name="schema", node=node)

@@ -1,0 +1,145 @@
+"""Turn a directory of text files into megatron-core indexed datasets (.bin/.idx).
+
+Each readable file is one document: its tokens followed by the tokenizer's EOD id.
+Files go to train or valid by a seeded hash of their relative path, so the split of a
+file never depends on which other files exist or on traversal order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from megatron_ext.data.tokenizer import Tokenizer
+
+SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+"""Directory names whose contents are never read."""
+
+
+def default_corpus_dir() -> Path:
+    """The running interpreter's standard-library source directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_corpus_files(src_dir: str | Path, glob: str = "**/*.py") -> list[Path]:
+    """Files under ``src_dir`` matching ``glob``, sorted, minus :data:`SKIP_DIRS` contents."""
+    root = Path(src_dir)
+    files = []
+    for path in root.glob(glob):
+        rel_dirs = path.relative_to(root).parts[:-1]
+        if path.is_file() and not SKIP_DIRS.intersection(rel_dirs):
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_text_file(path: Path) -> str | None:
+    """Text of a UTF-8 file, or None if it is unreadable, binary (NUL bytes) or empty."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data or b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def is_valid_file(rel_path: str, valid_fraction: float, seed: int) -> bool:
+    """Whether ``rel_path`` belongs to the valid split (seeded hash, uniform in [0, 1))."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < valid_fraction
+
+
+def prepare_indexed_dataset(
+    src_dir: str | Path,
+    out_prefix: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    glob: str = "**/*.py",
+    valid_fraction: float = 0.05,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    seed: int = 1234,
+    progress: bool = True,
+    parse_special: bool = False,
+) -> dict[str, Any]:
+    """Tokenize text files under ``src_dir`` into train/valid indexed datasets.
+
+    Writes ``{out_prefix}_{train,valid}_text_document.{bin,idx}`` and ``{out_prefix}_meta.json``.
+    ``max_files``/``max_bytes`` stop after that many documents / UTF-8 source bytes (in sorted
+    path order). ``parse_special=False`` keeps literal ``"<eod>"`` etc. in the text as plain
+    text, so a source file can never inject EOD or pad ids. Returns the document and token
+    counts and the two dataset prefixes.
+    """
+    if not 0.0 <= valid_fraction <= 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1], got {valid_fraction}")
+    root = Path(src_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus directory {root} does not exist")
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefixes = {s: f"{out_prefix}_{s}_text_document" for s in ("train", "valid")}
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    builders = {s: IndexedDatasetBuilder(p + ".bin", dtype=dtype) for s, p in prefixes.items()}
+    docs = dict.fromkeys(prefixes, 0)
+    tokens = dict.fromkeys(prefixes, 0)
+    t_start = time.perf_counter()
+    files = list_corpus_files(root, glob)
+    skipped = source_bytes = 0
+    bar = tqdm(files, desc="tokenize", unit="file", disable=not progress, dynamic_ncols=True)
+    for path in bar:
+        if max_files is not None and docs["train"] + docs["valid"] >= max_files:
+            break
+        if max_bytes is not None and source_bytes >= max_bytes:
+            break
+        text = read_text_file(path)
+        if text is None:
+            skipped += 1
+            continue
+        source_bytes += len(text.encode("utf-8"))
+        rel = path.relative_to(root).as_posix()
+        split = "valid" if is_valid_file(rel, valid_fraction, seed) else "train"
+        ids = tokenizer.encode(text, parse_special=parse_special)
+        ids.append(tokenizer.eod)
+        builders[split].add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
+        docs[split] += 1
+        tokens[split] += len(ids)
+        bar.set_postfix(tokens=tokens["train"] + tokens["valid"], refresh=False)
+    bar.close()
+    for split, builder in builders.items():
+        builder.finalize(prefixes[split] + ".idx")
+
+    result: dict[str, Any] = {
+        "train_documents": docs["train"],
+        "valid_documents": docs["valid"],
+        "train_tokens": tokens["train"],
+        "valid_tokens": tokens["valid"],
+        "train_prefix": prefixes["train"],
+        "valid_prefix": prefixes["valid"],
+    }
+    meta = {
+        **result,
+        "tokenizer_kind": getattr(tokenizer, "kind", type(tokenizer).__name__),
+        "vocab_size": int(tokenizer.vocab_size),
+        "padded_vocab_size": int(tokenizer.padded_vocab_size(128)),
+        "dtype": dtype.__name__,
+        "source_dir": str(root),
+        "glob": glob,
+        "valid_fraction": valid_fraction,
+        "seed": seed,
+        "source_bytes": source_bytes,
+        "skipped_files": skipped,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    Path(f"{out_prefix}_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return result

@@ -1,0 +1,1 @@
+"""Training machinery shared by the parent and elastic recipes."""

@@ -1,0 +1,158 @@
+"""The training loop of the parent (and, with a different step function, the elastic model)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_ext.config.schema import TrainConfig
+from megatron_ext.models.builder import causal_mask
+from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.optim import lr_at, set_lr
+from megatron_ext.training.state import capture_rng, restore_rng
+
+Batch = dict[str, torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the loss mask (vocab-parallel under TP)."""
+    tokens = batch["tokens"]
+    per_token = model(
+        tokens,
+        batch["position_ids"],
+        causal_mask(tokens.shape[1], tokens.device),
+        labels=batch["labels"],
+    )
+    mask = batch["loss_mask"]
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _dp_mean(value: float, pg_collection) -> float:
+    group = pg_collection.dp
+    if group is None or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t.item()) / dist.get_world_size(group)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> float:
+    """Held-out loss: mean over ``batches`` and over data-parallel ranks."""
+    was_training = model.training
+    model.eval()
+    losses = [float(lm_loss(model, b)) for b in batches]
+    model.train(was_training)
+    return _dp_mean(sum(losses) / max(1, len(losses)), pg_collection)
+
+
+@dataclass
+class History:
+    """Per-step and per-eval metrics of one run, kept across resumes."""
+
+    train: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the history and the final figures."""
+
+    history: History
+    steps: int
+    final_train_loss: float
+    val_loss: float
+    tokens_per_s: float
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    valid_batches: list[Batch],
+    cfg: TrainConfig,
+    pg_collection,
+    *,
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run optimizer steps up to ``cfg.steps`` (or ``cfg.stop_at``), evaluating and checkpointing.
+
+    ``batches`` must support ``state_dict()``/``load_state_dict()``; ``checkpoint(step, extra)``
+    is called every ``cfg.save_interval`` steps and at the end with everything a bit-identical
+    resume needs (step, RNG, data position, history). ``resume_state`` is such an ``extra``.
+    """
+    history = History()
+    start = 0
+    if resume_state:
+        start = int(resume_state["step"])
+        restore_rng(resume_state["rng"])
+        batches.load_state_dict(resume_state["data"])  # type: ignore[attr-defined]
+        history = resume_state["history"]
+    end = cfg.stop_at or cfg.steps
+    is_main = dist.get_rank() == 0 if dist.is_initialized() else True
+    bar = tqdm(
+        total=end,
+        initial=start,
+        desc="train",
+        disable=not (progress and is_main),
+        dynamic_ncols=True,
+    )
+
+    def extra(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "rng": capture_rng(),
+            "data": batches.state_dict(),  # type: ignore[attr-defined]
+            "history": history,
+        }
+
+    model.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        set_lr(optimizer, lr_at(step, cfg))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        reduce_gradients(model, pg_collection)
+        grad_norm = clip_grad_norm(model, cfg.grad_clip, pg_collection)
+        optimizer.step()
+        history.train_seconds += time.perf_counter() - t0
+        history.tokens += int(batch["tokens"].numel()) * _dp_size(pg_collection)
+        loss_value = _dp_mean(float(loss.detach()), pg_collection)
+        history.train.append((step + 1, loss_value))
+        bar.update(1)
+        metrics = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": grad_norm}
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == end:
+            val = evaluate(model, valid_batches, pg_collection)
+            history.val.append((step + 1, val))
+            metrics["val_loss"] = val
+        bar.set_postfix(
+            loss=f"{loss_value:.3f}", val=f"{history.val[-1][1]:.3f}" if history.val else "-"
+        )
+        if log is not None and ((step + 1) % cfg.log_interval == 0 or "val_loss" in metrics):
+            log(step + 1, metrics)
+        if checkpoint is not None and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+            checkpoint(step + 1, extra(step + 1))
+    bar.close()
+    final_train = history.train[-1][1] if history.train else float("nan")
+    val_loss = history.val[-1][1] if history.val else evaluate(model, valid_batches, pg_collection)
+    tps = history.tokens / history.train_seconds if history.train_seconds else 0.0
+    return TrainResult(history, end, final_train, val_loss, tps)
+
+
+def _dp_size(pg_collection) -> int:
+    group = pg_collection.dp
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)

@@ -1,0 +1,27 @@
+"""What a resumed run needs beyond the weights: step, RNG, data position, metrics so far."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+
+def capture_rng() -> dict[str, Any]:
+    """The CPU generator's state and megatron's tracked model-parallel RNG states."""
+    state: dict[str, Any] = {
+        "cpu": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng` captured."""
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,60 @@
+"""``star-elastic <recipe> [hydra overrides...]``: the single command-line entry point."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+RECIPES: dict[str, tuple[str, str, str]] = {
+    # name: (config file, module, one-line description)
+    "prepare-data": (
+        "prepare_data",
+        "recipes.prepare_data",
+        "tokenize a corpus into indexed datasets",
+    ),
+    "train-parent": ("train_parent", "recipes.train_parent", "train the non-elastic parent model"),
+    "model-info": (
+        "model_info",
+        "recipes.model_info",
+        "count a model's total and active parameters",
+    ),
+}
+
+
+def usage() -> str:
+    """The help text listing every recipe."""
+    lines = ["usage: star-elastic <recipe> [key=value ...]", "", "recipes:"]
+    lines += [f"  {name:<14} {desc}" for name, (_, _, desc) in RECIPES.items()]
+    lines += ["", "Overrides are Hydra syntax, e.g. model=nano_v3 parallel=tp2 run.dir=runs/x"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compose the recipe's config, start torchrun if needed, and run the recipe."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    recipe, overrides = argv[0], argv[1:]
+    if recipe not in RECIPES:
+        print(f"unknown recipe {recipe!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    from launch.local import launch_torchrun, under_distributed_launcher
+    from megatron_ext.config.compose import compose_recipe
+    from megatron_ext.models.config import ConfigError
+
+    config_name, module_name, _ = RECIPES[recipe]
+    try:
+        cfg = compose_recipe(config_name, overrides)
+        nproc = int(cfg.parallel.nproc) if "parallel" in cfg else 1
+        if nproc > 1 and not under_distributed_launcher():
+            return launch_torchrun(nproc, recipe, overrides)
+        importlib.import_module(module_name).run(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

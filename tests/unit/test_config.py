@@ -1,0 +1,79 @@
+"""Config validation: every bad value fails with the field named and what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.config.compose import compose_recipe, section
+from megatron_ext.config.schema import DataConfig, TrainConfig
+from megatron_ext.models.config import ConfigError, HybridModelConfig
+from megatron_ext.parallel import ParallelConfig
+from recipes.cli import RECIPES, main
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"pattern": "M*X"}, "model.pattern"),
+        ({"num_attention_heads": 6, "num_query_groups": 4}, "model.num_query_groups"),
+        ({"mamba_num_heads": 6, "mamba_num_groups": 4}, "model.mamba_num_groups"),
+        ({"moe_router_topk": 9}, "model.moe_router_topk"),
+        ({"activation": "tanh"}, "model.activation"),
+    ],
+)
+def test_invalid_model_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        HybridModelConfig(**kwargs)
+
+
+def test_parallel_split_that_does_not_divide_the_model_names_the_field():
+    model = HybridModelConfig(num_attention_heads=6, num_query_groups=3)
+    with pytest.raises(ConfigError, match=r"model\.num_query_groups: 3 is not divisible by .* 2"):
+        ParallelConfig(nproc=2, tp=2).check_model(model)
+    with pytest.raises(ConfigError, match=r"parallel\.nproc"):
+        ParallelConfig(nproc=3, tp=2)
+
+
+def test_train_and_data_configs_name_bad_fields():
+    with pytest.raises(ConfigError, match=r"train\.warmup_steps"):
+        TrainConfig(steps=10, warmup_steps=10)
+    with pytest.raises(ConfigError, match=r"train\.stop_at"):
+        TrainConfig(steps=10, warmup_steps=1, stop_at=11)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_path"):
+        DataConfig(tokenizer="hf")
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_config_composes_into_typed_sections(recipe):
+    cfg = compose_recipe(RECIPES[recipe][0], [])
+    if "model" in cfg:
+        assert isinstance(section(cfg, "model", HybridModelConfig), HybridModelConfig)
+    if "data" in cfg:
+        assert isinstance(section(cfg, "data", DataConfig), DataConfig)
+
+
+def test_override_reaches_the_dataclass_and_is_validated():
+    cfg = compose_recipe(
+        "train_parent", ["model=nano_v3", "parallel=tp2", "train.steps=7", "train.warmup_steps=2"]
+    )
+    assert section(cfg, "model", HybridModelConfig).hidden_size == 2688
+    assert section(cfg, "parallel", ParallelConfig).tp == 2
+    assert section(cfg, "train", TrainConfig).steps == 7
+    bad = compose_recipe("train_parent", ["model.pattern=M*Q"])
+    with pytest.raises(ConfigError, match=r"model\.pattern"):
+        section(bad, "model", HybridModelConfig)
+
+
+def test_unknown_or_mistyped_override_is_rejected_at_composition():
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        compose_recipe("train_parent", ["model.hidden_sise=12"])
+    with pytest.raises(ConfigError, match="hidden_size"):
+        compose_recipe("train_parent", ["model.hidden_size=wide"])
+
+
+def test_cli_reports_config_errors_with_the_field_and_exit_code_2(capsys):
+    assert main(["train-parent", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert main(["no-such-recipe"]) == 2
+    assert main(["--help"]) == 0
+    assert "train-parent" in capsys.readouterr().out
