@@ -25,6 +25,8 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    # Sequence parallelism whenever tp > 1 (megatron-core requires it for MoE with TP).
+    sequence_parallel: bool = True
     backend: str = "auto"  # auto: nccl with CUDA, gloo without
     timeout_s: int = 600
 
@@ -47,6 +49,11 @@ class ParallelConfig:
             "parallel.backend",
             "must be auto, gloo or nccl",
         )
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        """Whether sequence parallelism is on (it needs tp > 1)."""
+        return self.sequence_parallel and self.tp > 1
 
     @property
     def dp(self) -> int:

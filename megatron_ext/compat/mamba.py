@@ -10,7 +10,9 @@ so the stock class (with upstream's parameter names and ``sharded_state_dict``) 
 ``nn.Conv1d`` path when ``causal_conv1d_fn`` is ``None``.
 
 Upstream site: ``megatron/core/ssm/mamba_block.py`` builds ``MambaStack.final_norm`` with
-``TENorm`` unconditionally; without Transformer Engine it is pointed at ``WrappedTorchNorm``.
+``TENorm`` unconditionally; without Transformer Engine it is pointed at
+:class:`~megatron_ext.models.norms.TorchNorm` (a torch RMSNorm that supports sequence
+parallelism).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def install_torch_mamba_kernels() -> None:
 
 
 def torch_final_norm() -> None:
-    """Build ``MambaStack.final_norm`` with ``WrappedTorchNorm`` instead of ``TENorm``."""
+    """Build ``MambaStack.final_norm`` with a torch norm instead of ``TENorm``."""
     from megatron.core.ssm import mamba_block
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    mamba_block.TENorm = WrappedTorchNorm
+    from megatron_ext.models.norms import TorchNorm
+
+    mamba_block.TENorm = TorchNorm

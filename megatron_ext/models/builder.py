@@ -75,7 +75,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         expert_model_parallel_size=parallel.ep,
         pipeline_model_parallel_size=parallel.pp,
-        sequence_parallel=False,
+        sequence_parallel=parallel.use_sequence_parallel,
         params_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_ext.compat import have_transformer_engine
 from megatron_ext.models.config import ConfigError
+from megatron_ext.models.norms import TorchNorm
 
 BACKENDS = ("auto", "local", "te")
 
@@ -45,11 +46,18 @@ def backend_provider(name: str) -> BackendSpecProvider:
     return LocalSpecProvider()
 
 
+def _norm(backend: BackendSpecProvider) -> type:
+    """The backend's RMSNorm; for the local backend, :class:`TorchNorm` (works with SP)."""
+    if isinstance(backend, LocalSpecProvider):
+        return TorchNorm
+    return backend.layer_norm(rms_norm=True)
+
+
 def _norm_and_input_linear(backend: BackendSpecProvider):
     """(pre-norm, input linear): fused norm+linear where the backend has it."""
     if backend.fuse_layernorm_and_linear():
         return IdentityOp, backend.column_parallel_layer_norm_linear()
-    return backend.layer_norm(rms_norm=True), backend.column_parallel_linear()
+    return _norm(backend), backend.column_parallel_linear()
 
 
 def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleSpec:
@@ -97,7 +105,7 @@ def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleS
     moe_layer = ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=backend.layer_norm(rms_norm=True),
+            pre_mlp_layernorm=_norm(backend),
             mlp=moe,
             mlp_bda=get_bias_dropout_add,
         ),

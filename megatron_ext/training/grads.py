@@ -39,12 +39,19 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
 
 
 def reduce_gradients(model: torch.nn.Module, pg_collection) -> None:
-    """Average gradients over data parallelism (dense) and expert data parallelism (experts)."""
+    """Average gradients over data parallelism (dense) and expert data parallelism (experts).
+
+    Under sequence parallelism, replicated parameters marked ``sequence_parallel`` (norms)
+    saw only this rank's part of the sequence: their gradients are first summed over TP.
+    """
     dp = _size(pg_collection.dp)
-    dense, expert = [], []
+    dense, expert, seq_parallel = [], [], []
     for param in model.parameters():
         if param.grad is not None:
             (expert if is_expert_param(param) else dense).append(param.grad)
+            if getattr(param, "sequence_parallel", False):
+                seq_parallel.append(param.grad)
+    _all_reduce_coalesced(seq_parallel, pg_collection.tp)
     _all_reduce_coalesced(dense, pg_collection.dp)
     _all_reduce_coalesced(expert, pg_collection.expt_dp)
     if dp > 1:

@@ -1,0 +1,1 @@
+"""Star Elastic: nested submodels of one parent, one per budget."""

@@ -1,0 +1,113 @@
+"""``star-elastic train-parent``: pre-train the non-elastic parent (the KD teacher)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from megatron_ext.checkpoint import CheckpointManager
+from megatron_ext.compat import backend_report
+from megatron_ext.config.compose import section, to_plain
+from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
+from megatron_ext.models.builder import build_model
+from megatron_ext.models.config import ConfigError, HybridModelConfig
+from megatron_ext.models.params import count_parameters
+from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
+from megatron_ext.report import key_value_table, plot_loss_curves, write_summary
+from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
+from megatron_ext.tracking import Tracker
+from megatron_ext.training.data import build_batches
+from megatron_ext.training.loop import train
+from megatron_ext.training.optim import build_optimizer
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train the parent; write checkpoints, ``summary.json``, a loss plot and a table."""
+    model_cfg = section(cfg, "model", HybridModelConfig)
+    parallel = section(cfg, "parallel", ParallelConfig)
+    data_cfg = section(cfg, "data", DataConfig)
+    train_cfg = section(cfg, "train", TrainConfig)
+    run_cfg = section(cfg, "run", RunConfig)
+    set_threads(train_cfg.threads)
+    pgs = init_distributed(parallel)
+    run_dir = prepare_run_dir(cfg, run_cfg.dir)
+
+    batches, valid, meta = build_batches(data_cfg, train_cfg, pgs, seed=run_cfg.seed)
+    if meta["vocab_size"] > model_cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{meta['vocab_size']} ids"
+        )
+    set_seed(run_cfg.seed)
+    model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
+    optimizer = build_optimizer(model, train_cfg)
+    ckpts = CheckpointManager(run_dir / "checkpoints", pgs)
+    resume = None
+    latest = ckpts.latest_valid() if run_cfg.resume else None
+    if latest is not None:
+        resume = ckpts.load(latest, model, optimizer) or None
+        if resume is not None and "step" not in resume:
+            resume = None  # weights resharded from another layout: start the schedule over
+        main_print(f"resumed from {latest}")
+
+    tracker = Tracker(
+        section(cfg, "logger", LoggerConfig), run_dir, f"parent-{model_cfg.name}", to_plain(cfg)
+    )
+    result = train(
+        model,
+        optimizer,
+        batches,
+        valid,
+        train_cfg,
+        pgs,
+        checkpoint=lambda step, extra: ckpts.save(step, model, optimizer, extra),
+        resume_state=resume,
+        log=tracker.log,
+    )
+    tracker.finish()
+    counts = count_parameters(model, model_cfg, pgs)
+    summary = {
+        "model": model_cfg.name,
+        "steps": result.steps,
+        "tokens": result.history.tokens,
+        "final_train_loss": result.final_train_loss,
+        "val_loss": result.val_loss,
+        "val_curve": result.history.val,
+        "tokens_per_s": result.tokens_per_s,
+        "parallel": {
+            "nproc": parallel.nproc,
+            "tp": parallel.tp,
+            "ep": parallel.ep,
+            "dp": parallel.dp,
+        },
+        "dataset": {
+            k: meta[k]
+            for k in ("train_tokens", "valid_tokens", "train_documents", "valid_documents")
+        },
+        "checkpoint": str(ckpts.latest_valid()),
+        "backends": backend_report(),
+        **counts.as_dict(),
+    }
+    if is_main():
+        write_summary(run_dir, summary)
+        plot_loss_curves(
+            result.history.train,
+            result.history.val,
+            run_dir / "loss.png",
+            f"parent {model_cfg.name}",
+        )
+    main_print(
+        key_value_table(
+            f"parent {model_cfg.name}: {run_dir}",
+            {
+                "steps": result.steps,
+                "tokens": result.history.tokens,
+                "final train loss": result.final_train_loss,
+                "held-out loss": result.val_loss,
+                "held-out curve": " → ".join(f"{v:.3f}" for _, v in result.history.val),
+                "tokens/s": result.tokens_per_s,
+                "params (total / active)": f"{counts.total:,} / {counts.active:,}",
+            },
+        )
+    )
+    destroy_distributed()
+    return summary
