@@ -25,6 +25,7 @@ class TorchNorm:
         zero_centered_gamma: bool = False,
         normalization: str | None = None,
     ) -> torch.nn.Module:  # type: ignore[misc]
+        """Return the norm module, its parameters marked for sequence-parallel reduction."""
         kind = normalization or config.normalization
         if kind == "RMSNorm":
             norm: torch.nn.Module = torch.nn.RMSNorm(
