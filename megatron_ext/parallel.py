@@ -73,6 +73,11 @@ class ParallelConfig:
             ("model.mamba_num_groups", model.mamba_num_groups, tp, model.has("M")),
             ("model.num_experts", model.num_experts, ep, model.has("E")),
         ]
+        if model.has("E") and self.tp > 1 and not self.sequence_parallel:
+            raise ConfigError(
+                "parallel.sequence_parallel: megatron-core's MoE layers need sequence parallelism "
+                f"at tp={self.tp}; set it to true (or use tp=1)"
+            )
         for field, value, size, applies in checks:
             if applies and value % size:
                 raise ConfigError(f"{field}: {value} is not divisible by the parallel size {size}")

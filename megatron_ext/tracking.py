@@ -27,7 +27,7 @@ class Tracker:
             project=cfg.project,
             name=name,
             dir=str(run_dir),
-            mode=cfg.mode,
+            mode=cfg.mode,  # type: ignore[arg-type]  # validated by LoggerConfig
             config=config,
             reinit=True,
         )

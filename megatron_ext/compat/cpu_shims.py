@@ -24,7 +24,7 @@ def redirect_current_device() -> None:
     (``GlobalMemoryBuffer``, rotary ``inv_freq``, ``tensor_parallel/mappings.py``, the MoE
     router and dispatchers, ``MambaMixer.__init__``).
     """
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
 
 
 def noop_cuda_synchronize() -> None:
@@ -56,8 +56,8 @@ def host_streams() -> None:
     ``torch.cuda.stream(...)``.
     """
     torch.cuda.Stream = _HostStream  # type: ignore[assignment,misc]
-    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
-    torch.cuda.current_stream = lambda device=None: _HostStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _HostStream()  # type: ignore[assignment,return-value]
 
 
 def cpu_rng_tracker() -> None:

@@ -204,6 +204,7 @@ class HFJsonTokenizer(_TokenizerBase):
     @property
     def eod(self) -> int:
         """End-of-document id."""
+        assert self._eod is not None  # resolved (or refused) in __init__
         return self._eod
 
     @property

@@ -321,7 +321,7 @@ class RMSNormGated(torch.nn.Module):
         rstd = torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         out = (grouped * rstd).reshape(xf.shape) * self.weight.float()
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + self.bias.float()  # type: ignore[operator]
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z.float())
         return out.to(x.dtype)

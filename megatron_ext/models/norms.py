@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 class TorchNorm:
     """Build ``torch.nn.RMSNorm`` or ``LayerNorm`` as upstream's norm specs are built."""
 
-    def __new__(
+    def __new__(  # type: ignore[misc]
         cls,
         config: TransformerConfig,
         hidden_size: int,
@@ -24,7 +24,7 @@ class TorchNorm:
         persist_layer_norm: bool = False,
         zero_centered_gamma: bool = False,
         normalization: str | None = None,
-    ) -> torch.nn.Module:  # type: ignore[misc]
+    ) -> torch.nn.Module:  # type: ignore[misc]  # a factory, as upstream WrappedTorchNorm
         """Return the norm module, its parameters marked for sequence-parallel reduction."""
         kind = normalization or config.normalization
         if kind == "RMSNorm":

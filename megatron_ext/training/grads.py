@@ -41,16 +41,23 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
 def reduce_gradients(model: torch.nn.Module, pg_collection) -> None:
     """Average gradients over data parallelism (dense) and expert data parallelism (experts).
 
-    Under sequence parallelism, replicated parameters marked ``sequence_parallel`` (norms)
+    Every rank contributes a gradient for every trainable parameter (zeros where autograd
+    produced none), so the coalesced buffers have the same size on all ranks. Under sequence
+    parallelism, replicated parameters marked ``sequence_parallel`` (norms)
     saw only this rank's part of the sequence: their gradients are first summed over TP.
     """
     dp = _size(pg_collection.dp)
-    dense, expert, seq_parallel = [], [], []
+    dense: list[torch.Tensor] = []
+    expert: list[torch.Tensor] = []
+    seq_parallel: list[torch.Tensor] = []
     for param in model.parameters():
-        if param.grad is not None:
-            (expert if is_expert_param(param) else dense).append(param.grad)
-            if getattr(param, "sequence_parallel", False):
-                seq_parallel.append(param.grad)
+        if not param.requires_grad:
+            continue
+        if param.grad is None:  # e.g. an expert that got no tokens on this rank
+            param.grad = torch.zeros_like(param)
+        (expert if is_expert_param(param) else dense).append(param.grad)
+        if getattr(param, "sequence_parallel", False):
+            seq_parallel.append(param.grad)
     _all_reduce_coalesced(seq_parallel, pg_collection.tp)
     _all_reduce_coalesced(dense, pg_collection.dp)
     _all_reduce_coalesced(expert, pg_collection.expt_dp)

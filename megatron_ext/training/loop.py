@@ -81,7 +81,7 @@ def train(
     cfg: TrainConfig,
     pg_collection,
     *,
-    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint: Callable[[int, dict[str, Any]], object] | None = None,
     resume_state: dict[str, Any] | None = None,
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
     log: Callable[[int, dict[str, float]], None] | None = None,

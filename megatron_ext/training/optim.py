@@ -22,7 +22,8 @@ def build_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, *, lr: float | None = None
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms, biases, SSM A/D/dt)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if _no_decay(name, param) else decay).append(param)

@@ -77,3 +77,9 @@ def test_cli_reports_config_errors_with_the_field_and_exit_code_2(capsys):
     assert main(["no-such-recipe"]) == 2
     assert main(["--help"]) == 0
     assert "train-parent" in capsys.readouterr().out
+
+
+def test_moe_with_tensor_parallelism_requires_sequence_parallelism():
+    with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel"):
+        ParallelConfig(nproc=2, tp=2, sequence_parallel=False).check_model(HybridModelConfig())
+    ParallelConfig(nproc=2, tp=2).check_model(HybridModelConfig())  # the default is valid

@@ -1,0 +1,349 @@
+"""Atomic, verifiable, reshardable checkpoints: one directory ``root/iter_{step:07d}`` with
+
+- the weights in megatron-core's ``torch_dist`` format from ``model.sharded_state_dict()``
+  (``*.distcp``, ``.metadata``, ``common.pt``, ``metadata.json``): they load at any TP/EP size;
+- ``rank_state/rank_{global_rank:05d}.pt``: each rank's optimizer state and ``extra`` (step,
+  RNG, data position, ...) with the layout they were written at, to which they are bound;
+- ``manifest.json``, written last: every file's size, the step, the layout, ``complete: true``.
+
+Everything goes to a temporary sibling directory that rank 0 renames into place, so a crash
+leaves either a complete checkpoint or a temporary directory, which is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
+from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest.txt"
+RANK_STATE = "rank_state"
+_TMP = ".tmp_"
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial or corrupt; the message names its directory."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _agree(problem: str | None) -> str | None:
+    """The first rank's problem (prefixed with its rank) if any rank has one, on every rank."""
+    if _world() == 1:
+        return problem
+    problems: list[str | None] = [None] * _world()
+    dist.all_gather_object(problems, problem)
+    for rank, p in enumerate(problems):
+        if p is not None:
+            return p if rank == _rank() else f"{p} (seen on rank {rank})"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def layout(pg_collection: Any) -> dict[str, int]:
+    """This rank's process layout: world size, TP/EP/DP sizes and this rank's place in each."""
+    out = {"world_size": _world(), "rank": _rank()}
+    for name in ("tp", "ep", "dp"):
+        group = getattr(pg_collection, name, None)
+        on = group is not None and dist.is_initialized()
+        out[name] = dist.get_world_size(group) if on else 1
+        out[f"{name}_rank"] = dist.get_rank(group) if on else 0
+    return out
+
+
+def _sizes(full: dict[str, int]) -> dict[str, int]:
+    return {k: full[k] for k in ("world_size", "tp", "ep", "dp")}
+
+
+def _inline_save_strategy():
+    """megatron-core's ``torch_dist`` save strategy with every file written by this process.
+
+    Upstream's ``FileSystemWriterAsync`` forks one writer process per bucket even for a
+    synchronous save. This keeps upstream's planning, file format and finalisation and runs
+    its per-bucket writer function inline (one bucket, so one file per rank).
+    """
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    class InlineTorchDistSave(TorchDistSaveShardedStrategy):
+        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret) -> AsyncRequest:
+            request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+            if request.async_fn is None:  # nothing to write on this rank
+                return request
+            transforms = [writer.transforms] if hasattr(writer, "transforms") else []
+
+            def write_inline() -> None:
+                buckets = request.preload_fn() if request.preload_fn else writer.write_buckets
+                done: queue.Queue = queue.Queue()
+                count: queue.Queue = queue.Queue()
+                for idx, bucket in enumerate(buckets):
+                    count.put(idx)
+                    FileSystemWriterAsync.write_preloaded_data(
+                        transforms, idx, bucket, done, count, True
+                    )
+                outs = dict(done.get_nowait() for _ in buckets)
+                errors = [out for out in outs.values() if isinstance(out, Exception)]
+                writer.results_queue.put(errors[0] if errors else outs)
+
+            return AsyncRequest(write_inline, (), request.finalize_fns)
+
+    return InlineTorchDistSave("torch_dist", 1, thread_count=1)
+
+
+def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
+    """Save a megatron-core sharded state dict to ``directory`` (torch_dist), synchronously.
+
+    Collective over all ranks; ``directory`` must exist. No worker processes are started.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # Upstream's ``_get_write_results_queue`` would start a spawn-context multiprocessing
+    # Manager (~3 s; its child re-imports ``__main__``): the inline writer needs a thread queue.
+    seeded = filesystem_async._results_queue is None
+    if seeded:
+        filesystem_async._results_queue = queue.Queue()
+    try:
+        strategy = _inline_save_strategy()
+        dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
+    finally:
+        if seeded:
+            filesystem_async._results_queue = None
+
+
+class CheckpointManager:
+    """Save, find, verify and load the checkpoints under ``root``; keeps the newest ``keep``.
+
+    Every method but :meth:`problem` is collective. ``root`` must be on a shared file system.
+    """
+
+    def __init__(self, root: str | Path, pg_collection: Any, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.pg_collection = pg_collection
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        """The directory of the checkpoint at ``step``."""
+        return self.root / f"iter_{step:07d}"
+
+    def save(
+        self, step: int, model: torch.nn.Module, optimizer: Optimizer | None, extra: dict[str, Any]
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically and return its directory."""
+        final = self.path_for(step)
+        tmp = self.root / f"{_TMP}{final.name}"
+        mine = layout(self.pg_collection)
+        problem = None
+        if _rank() == 0:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                problem = f"cannot create {tmp}: {e}"
+        problem = _agree(problem)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {final}: {problem}")
+        save_sharded(model.sharded_state_dict(), tmp)  # type: ignore[operator]
+        state = {
+            "layout": mine,
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "extra": extra,
+        }
+        (tmp / RANK_STATE).mkdir(exist_ok=True)
+        _write_durable(tmp / RANK_STATE / f"rank_{_rank():05d}.pt", lambda f: torch.save(state, f))
+        if _world() > 1:  # every rank's files are written
+            dist.barrier()
+        if _rank() == 0:
+            try:
+                self._publish(step, tmp, final, _sizes(mine))
+            except OSError as e:
+                problem = f"publishing failed: {e}"
+        problem = _agree(problem)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {final}: {problem}")
+        return final
+
+    def _publish(self, step: int, tmp: Path, final: Path, sizes: dict[str, int]) -> None:
+        """Rank 0: write the manifest, rename into place, update ``latest.txt``, prune."""
+        files = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {"step": step, "layout": sizes, "files": files, "complete": True}
+        _write_durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step replaces it; older checkpoints stay meanwhile
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        latest_tmp = self.root / f"{_TMP}{LATEST}"
+        _write_durable(latest_tmp, lambda f: f.write(f"{final.name}\n".encode()))
+        os.replace(latest_tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Rank 0: delete all but the newest ``keep`` checkpoints and stale temporary dirs."""
+        for old in self._candidates()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(f"{_TMP}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _candidates(self) -> list[Path]:
+        """``iter_*`` directories under ``root``, newest first (temporary dirs excluded)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _ITER.match(p.name)]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def problem(self, path: str | Path) -> str | None:
+        """Why ``path`` is not a complete checkpoint on this rank's view of the disk, or None."""
+        path = Path(path)
+        if not path.is_dir():
+            return "directory does not exist"
+        if path.name.startswith(_TMP):
+            return "is the temporary directory of an unfinished save"
+        leftovers = sorted(p.name for p in path.iterdir() if p.name.startswith(_TMP))
+        if leftovers:
+            return f"contains temporary files {leftovers}"
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return f"{MANIFEST} is missing (the save did not finish)"
+        except (OSError, ValueError) as e:
+            return f"{MANIFEST} is unreadable: {e}"
+        if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+            return f"{MANIFEST} does not mark the checkpoint complete"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            return f"{MANIFEST} lists no files"
+        for rel, size in sorted(files.items()):
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            actual = f.stat().st_size
+            if actual != size:
+                return f"{rel} has {actual} bytes but the manifest says {size} (truncated?)"
+        return None
+
+    def verify(self, path: str | Path) -> dict[str, Any]:
+        """The manifest of ``path`` if it verifies on every rank, else :class:`CheckpointError`."""
+        path = Path(path)
+        problem = _agree(self.problem(path))
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+        return json.loads((path / MANIFEST).read_text())
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint that verifies on every rank (the same on all ranks), or None.
+
+        Checkpoints that fail verification are skipped with a warning naming them and why.
+        """
+        names = [p.name for p in self._candidates()]
+        if _world() > 1:
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        for name in names:
+            path = self.root / name
+            problem = _agree(self.problem(path))
+            if problem is None:
+                return path
+            if _rank() == 0:
+                logger.warning("skipping checkpoint %s: %s", path, problem)
+        return None
+
+    def load(
+        self,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizer: Optimizer | None = None,
+        *,
+        weights_only: bool = False,
+    ) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``).
+
+        Weights load at any TP/EP layout. With the layout they were saved at (and not
+        ``weights_only``) the optimizer state is restored too and this rank's ``extra`` is
+        returned. Under another layout only the weights load and ``{"resharded": True}`` is
+        returned: per-rank optimizer, RNG and data state cannot follow a layout change.
+        Raises :class:`CheckpointError` if the checkpoint is partial or corrupt.
+        """
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        manifest = self.verify(path)
+        problem = None
+        try:
+            state = dist_checkpointing.load(model.sharded_state_dict(), str(path))  # type: ignore[operator]
+            model.load_state_dict(state)
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+            problem = f"the weights do not load into this model: {last[0]}"
+        problem = _agree(problem)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+
+        mine = layout(self.pg_collection)
+        if weights_only:
+            return {} if manifest.get("layout") == _sizes(mine) else {"resharded": True}
+        saved = None
+        rank_file = path / RANK_STATE / f"rank_{_rank():05d}.pt"
+        if manifest.get("layout") == _sizes(mine) and rank_file.is_file():
+            saved = torch.load(rank_file, map_location="cpu", weights_only=False)
+        mismatch = None if saved is not None and saved.get("layout") == mine else "layout"
+        if _agree(mismatch) is not None:  # every rank takes the same branch
+            if _rank() == 0:
+                logger.warning(
+                    "checkpoint %s was saved at layout %s, this run is %s: loaded the weights "
+                    "only; optimizer, RNG and data-iterator state cannot follow a layout change",
+                    path,
+                    manifest.get("layout"),
+                    _sizes(mine),
+                )
+            return {"resharded": True}
+        assert saved is not None
+        if optimizer is not None:
+            if saved["optimizer"] is None:
+                raise CheckpointError(f"checkpoint {path}: it was saved without optimizer state")
+            optimizer.load_state_dict(saved["optimizer"])
+        return dict(saved["extra"])
