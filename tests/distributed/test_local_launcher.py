@@ -1,4 +1,4 @@
-"""``parallel.nproc=2`` makes the local launcher start torchrun itself (TP=2 over gloo)."""
+"""``parallel.nproc=2`` makes the local launcher start torchrun itself (TP=2 or EP=2, gloo)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,24 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_cli_starts_torchrun_for_two_ranks_and_trains_at_tp2(tmp_path, data_overrides):
-    run_dir = tmp_path / "tp2"
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ("tp2", {"nproc": 2, "tp": 2, "ep": 1, "dp": 1}),
+        ("ep2", {"nproc": 2, "tp": 1, "ep": 2, "dp": 2}),
+    ],
+)
+def test_cli_starts_torchrun_for_two_ranks(tmp_path, data_overrides, layout, expected):
+    run_dir = tmp_path / layout
     cmd = [
         sys.executable,
         "-m",
         "recipes.cli",
         "train-parent",
-        "parallel=tp2",
+        f"parallel={layout}",
         f"run.dir={run_dir}",
         "train.steps=4",
         "train.warmup_steps=1",
@@ -28,5 +37,6 @@ def test_cli_starts_torchrun_for_two_ranks_and_trains_at_tp2(tmp_path, data_over
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["parallel"] == {"nproc": 2, "tp": 2, "ep": 1, "dp": 1}
+    assert summary["parallel"] == expected
     assert summary["steps"] == 4
+    assert summary["tokens"] == 4 * 2 * 32 * expected["dp"]
