@@ -13,6 +13,7 @@ from megatron_ext.config.schema import (
     RunConfig,
     TrainConfig,
 )
+from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig
 
@@ -24,6 +25,7 @@ SCHEMAS = {
     "logger": LoggerConfig,
     "run": RunConfig,
     "cluster": ClusterConfig,
+    "elastic": ElasticConfig,
 }
 
 
