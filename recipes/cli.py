@@ -14,6 +14,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "tokenize a corpus into indexed datasets",
     ),
     "train-parent": ("train_parent", "recipes.train_parent", "train the non-elastic parent model"),
+    "importance": (
+        "importance",
+        "recipes.importance",
+        "rank components by importance and reorder the parent",
+    ),
     "model-info": (
         "model_info",
         "recipes.model_info",
