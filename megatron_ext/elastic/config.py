@@ -32,7 +32,7 @@ COMPUTE_MODES: tuple[str, ...] = ("masked", "narrow")
 """How an elastic layer computes: full width times a mask, or on the active prefix only."""
 
 # axis -> (model field holding its full width, layer symbol it lives in; None = every model)
-_AXIS_SOURCE: dict[str, tuple[str, str | None]] = {
+AXIS_SOURCE: dict[str, tuple[str, str | None]] = {
     "embedding": ("hidden_size", None),
     "attn_heads": ("num_attention_heads", "*"),
     "mamba_heads": ("mamba_num_heads", "M"),
@@ -163,7 +163,7 @@ class ElasticConfig:
         """Full width of every axis whose layer kind exists in ``model`` (``embedding`` always)."""
         return {
             axis: getattr(model, attr)
-            for axis, (attr, symbol) in _AXIS_SOURCE.items()
+            for axis, (attr, symbol) in AXIS_SOURCE.items()
             if symbol is None or model.has(symbol)
         }
 
@@ -192,7 +192,7 @@ class ElasticConfig:
         """
         full = self.full_widths(model)
         for axis in self.axes:
-            attr, symbol = _AXIS_SOURCE[axis]
+            attr, symbol = AXIS_SOURCE[axis]
             require(
                 axis in full,
                 f"elastic.axes.{axis}",

@@ -1,0 +1,272 @@
+"""The model-level elastic controller: the active width of every axis, and the masks it implies.
+
+One :class:`ElasticController` is handed to :func:`megatron_ext.elastic.convert.convert_to_elastic`
+and kept by every converted layer; nothing is global. Per step the caller sets the widths
+(``set_widths``, ``set_full`` or the ``at`` context manager) and each layer asks the controller
+for the boolean mask, or the active prefix length, of *its own shard* of an axis.
+
+Two layouts meet here:
+
+* the *stripe* layout the weights were reordered for (``elastic_layout.json``,
+  :class:`StripeLayout`): it decides which global positions a width keeps
+  (:func:`megatron_ext.elastic.layout.active_mask`);
+* the *shard* a module holds, from the module's own process group (:class:`Shard`): megatron
+  splits an axis into contiguous blocks, one per rank; the local mask is this rank's block.
+
+Masks are built on the device of the tensor they apply to and cached per
+(axis, width, shard, unit, device, dtype).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from megatron_ext.elastic import layout
+from megatron_ext.elastic.config import AXES, AXIS_SOURCE, COMPUTE_MODES
+from megatron_ext.models.config import HybridModelConfig
+
+NARROW_AXES: tuple[str, ...] = ("ffn", "moe_ffn")
+"""Axes that narrow compute slices; every other axis is masked in both modes."""
+
+LAYOUT_FILE = "elastic_layout.json"
+
+
+@dataclass(frozen=True)
+class StripeLayout:
+    """The TP / EP stripe counts an elastic checkpoint's weights were reordered for.
+
+    ``ffn`` and ``moe_ffn`` are striped over ``tp`` ranks (expert-TP defaults to TP),
+    ``moe_experts`` over ``ep``; the other axes are never striped (DESIGN.md invariant 3).
+    """
+
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.ep < 1:
+            raise ValueError(f"stripe layout needs tp, ep >= 1, got tp={self.tp} ep={self.ep}")
+
+    def stripes(self, axis: str) -> int:
+        """How many shards ``axis`` is striped round-robin over."""
+        return {"ffn": self.tp, "moe_ffn": self.tp, "moe_experts": self.ep}.get(axis, 1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``elastic_layout.json`` (``{"tp": T, "ep": E}``) into ``directory``."""
+        path = Path(directory) / LAYOUT_FILE
+        path.write_text(json.dumps({"tp": self.tp, "ep": self.ep}) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StripeLayout:
+        """Read ``elastic_layout.json`` from ``directory``."""
+        data = json.loads((Path(directory) / LAYOUT_FILE).read_text())
+        return cls(tp=int(data["tp"]), ep=int(data["ep"]))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's block of an axis that megatron splits into ``count`` contiguous blocks."""
+
+    count: int = 1
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} is outside [0, {self.count})")
+
+    @classmethod
+    def of(cls, group) -> Shard:
+        """The shard of this rank in process group ``group`` (``None``: unsplit)."""
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        return cls(count=get_pg_size(group), index=get_pg_rank(group))
+
+
+WHOLE = Shard()
+"""An axis that is not split (replicated on every rank)."""
+
+
+def model_full_widths(model: HybridModelConfig) -> dict[str, int]:
+    """Full width of every elastic axis whose layer kind exists in ``model``."""
+    return {
+        axis: getattr(model, attr)
+        for axis, (attr, symbol) in AXIS_SOURCE.items()
+        if symbol is None or model.has(symbol)
+    }
+
+
+class ElasticController:
+    """Current widths, compute mode and layout that every converted layer reads.
+
+    ``model`` gives the full widths and the per-group head counts (attention heads per query
+    group, Mamba heads per Mamba group); ``stripes`` is the reorder layout of the weights.
+    Widths not given are full. ``mode`` is ``"masked"`` (full width times a mask) or
+    ``"narrow"`` (the :data:`NARROW_AXES` compute on their active prefix only).
+    """
+
+    def __init__(
+        self,
+        model: HybridModelConfig,
+        stripes: StripeLayout | None = None,
+        mode: str = "masked",
+        widths: Mapping[str, int] | None = None,
+    ) -> None:
+        self._cache: dict[tuple, object] = {}
+        self.model = model
+        self.stripes = stripes or StripeLayout()
+        self.full_widths: dict[str, int] = model_full_widths(model)
+        self.group_sizes: dict[str, int] = {}
+        if "attn_heads" in self.full_widths:
+            heads, groups = model.num_attention_heads, model.num_query_groups
+            self.group_sizes["attn_heads"] = heads // groups
+        if "mamba_heads" in self.full_widths:
+            heads, groups = model.mamba_num_heads, model.mamba_num_groups
+            self.group_sizes["mamba_heads"] = heads // groups
+        self.widths: dict[str, int] = dict(self.full_widths)
+        self.mode = "masked"
+        self.set_mode(mode)
+        if widths:
+            self.set_widths(widths)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def set_widths(self, widths: Mapping[str, int]) -> None:
+        """Set the active width of the axes in ``widths``; every other axis goes to full width.
+
+        Raises ``ValueError`` for an unknown axis, a width outside ``[1, full]``, or one the
+        stripe/group layout cannot split evenly.
+        """
+        new = dict(self.full_widths)
+        for axis, width in widths.items():
+            if axis not in self.full_widths:
+                known = sorted(self.full_widths)
+                hint = "" if axis in AXES else f"; the axes are {AXES}"
+                raise ValueError(f"axis {axis!r} is not in this model (has {known}){hint}")
+            full = self.full_widths[axis]
+            if not isinstance(width, int) or not 1 <= width <= full:
+                raise ValueError(f"width of {axis!r} must be an int in [1, {full}], got {width!r}")
+            self._global_mask(axis, width)  # validates the split
+            new[axis] = width
+        self.widths = new
+
+    def set_full(self) -> None:
+        """Every axis at its full width."""
+        self.widths = dict(self.full_widths)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``"masked"`` and ``"narrow"`` compute."""
+        if mode not in COMPUTE_MODES:
+            raise ValueError(f"compute mode {mode!r} is not one of {COMPUTE_MODES}")
+        self.mode = mode
+
+    @contextmanager
+    def at(self, widths: Mapping[str, int], mode: str | None = None) -> Iterator[ElasticController]:
+        """Run a block at ``widths`` (and ``mode``), restoring the previous state afterwards."""
+        saved = (dict(self.widths), self.mode)
+        try:
+            self.set_widths(widths)
+            if mode is not None:
+                self.set_mode(mode)
+            yield self
+        finally:
+            self.widths, self.mode = saved
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def width(self, axis: str) -> int:
+        """The active width of ``axis``."""
+        return self.widths[axis]
+
+    def is_full(self, axis: str) -> bool:
+        """Whether ``axis`` is at full width (an axis absent from the model counts as full)."""
+        return axis not in self.widths or self.widths[axis] == self.full_widths[axis]
+
+    def is_narrow(self, axis: str) -> bool:
+        """Whether layers on ``axis`` compute on the active prefix now (narrow mode, not full)."""
+        return self.mode == "narrow" and axis in NARROW_AXES and not self.is_full(axis)
+
+    def global_mask(self, axis: str, width: int | None = None) -> Tensor:
+        """Bool mask over the global positions of ``axis`` (CPU) at ``width`` (default: current)."""
+        return self._global_mask(axis, self.widths[axis] if width is None else width)
+
+    def local_mask(self, axis: str, shard: Shard = WHOLE, device=None) -> Tensor:
+        """Bool mask over this shard's positions of ``axis`` at the current width."""
+        key = ("local", axis, self.widths[axis], shard, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            full = self._global_mask(axis, self.widths[axis])
+            if full.numel() % shard.count:
+                raise ValueError(
+                    f"{axis}: {full.numel()} positions do not split into {shard.count} shards"
+                )
+            hit = full.view(shard.count, -1)[shard.index]
+            if device is not None:
+                hit = hit.to(device)
+            self._cache[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def channel_mask(
+        self, axis: str, shard: Shard = WHOLE, unit: int = 1, *, device=None, dtype=None
+    ) -> Tensor:
+        """Float mask over this shard's channels: each position of ``axis`` covers ``unit``."""
+        key = ("channels", axis, self.widths[axis], shard, unit, str(device), dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            mask = self.local_mask(axis, shard, device)
+            hit = mask.repeat_interleave(unit).to(dtype or torch.float32)
+            self._cache[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def mask_last_dim(self, x: Tensor, axis: str, shard: Shard = WHOLE, unit: int = 1) -> Tensor:
+        """``x`` with the inactive channels of ``axis`` (its last dimension) set to zero."""
+        if self.is_full(axis):
+            return x
+        return x * self.channel_mask(axis, shard, unit, device=x.device, dtype=x.dtype)
+
+    def local_prefix_len(self, axis: str, shard: Shard = WHOLE) -> int:
+        """Active positions of this shard of ``axis``; they must be the shard's leading ones.
+
+        That holds when the weights are striped for the shard count megatron uses now
+        (``StripeLayout`` equal to the run's TP / EP); otherwise a ``ValueError`` says how to
+        restripe.
+        """
+        key = ("prefix", axis, self.widths[axis], shard)
+        hit = self._cache.get(key)
+        if hit is None:
+            mask = self.local_mask(axis, shard)
+            count = int(mask.sum())
+            if not bool(mask[:count].all()):
+                raise ValueError(
+                    f"{axis}: the active positions of shard {shard.index}/{shard.count} are not "
+                    f"a prefix (weights striped for {self.stripes.stripes(axis)} shards); narrow "
+                    "compute needs the weights restriped for this layout "
+                    "(layout.restripe_permutation), or use mode='masked'"
+                )
+            hit = count
+            self._cache[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def _global_mask(self, axis: str, width: int) -> Tensor:
+        key = ("global", axis, width)
+        hit = self._cache.get(key)
+        if hit is None:
+            n = self.full_widths[axis]
+            try:
+                hit = layout.active_mask(
+                    n, width, self.stripes.stripes(axis), self.group_sizes.get(axis)
+                )
+            except ValueError as e:
+                raise ValueError(f"width {width} of {axis!r} does not fit the layout: {e}") from e
+            self._cache[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        changed = {a: w for a, w in self.widths.items() if not self.is_full(a)}
+        return f"ElasticController(mode={self.mode!r}, stripes={self.stripes}, widths={changed})"

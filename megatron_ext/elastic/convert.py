@@ -1,0 +1,218 @@
+"""Make a built megatron-core ``MambaModel`` elastic in place, and turn it back.
+
+:func:`convert_to_elastic` swaps the class of each module that an elastic axis touches for a
+generated ``Elastic<Upstream>`` subclass (ModelOpt ``DynamicModule`` style, see
+:mod:`.layers_base`); nothing is copied or re-registered, so ``state_dict`` and
+``sharded_state_dict`` keys are upstream's. :func:`export` swaps every module back.
+
+Where each axis acts (names are upstream's):
+
+=================  ===========================================================================
+axis               modules
+=================  ===========================================================================
+``embedding``      ``embedding`` output; the residual norms (``norm``, ``input_layernorm``,
+                   ``pre_mlp_layernorm``, ``final_norm``); the outputs of ``mixer.out_proj``,
+                   ``linear_proj``, dense ``linear_fc2`` and the whole MoE layer
+``attn_heads``     input of ``self_attention.linear_proj`` (per head)
+``mamba_heads``,   ``mixer.norm``: SSM output masked, per-group RMS over active channels
+``mamba_head_dim``
+``ffn``            dense ``linear_fc2`` input; narrow: ``linear_fc1`` rows / ``linear_fc2`` cols
+``moe_experts``    ``mlp.router``: inactive logits ``-inf`` before top-k
+``moe_ffn``        each routed expert's ``linear_fc2`` input; narrow as ``ffn``
+=================  ===========================================================================
+
+Every shard comes from the module's own process group (``tp_group`` of the layer, the
+experts' expert-TP group), never from ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import megatron_ext.models  # noqa: F401  (applies the compat shims before megatron-core's mixer)
+
+# isort: split
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from torch import nn
+
+from megatron_ext.elastic.controller import ElasticController, Shard
+from megatron_ext.elastic.layers_base import is_elastic_module, make_elastic, make_plain
+from megatron_ext.elastic.layers_linear import ElasticColumnLinearMixin, ElasticRowLinearMixin
+from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin
+from megatron_ext.elastic.layers_moe import ElasticMoELayerMixin, ElasticRouterMixin
+from megatron_ext.elastic.layers_residual import ElasticEmbeddingMixin, ElasticRMSNormMixin
+
+_RECORD = "_elastic_record"
+
+Step = tuple[nn.Module, type, dict[str, Any]]
+
+
+@dataclass
+class ElasticRecord:
+    """What :func:`convert_to_elastic` did to a model: its controller and converted modules."""
+
+    controller: ElasticController
+    modules: list[nn.Module] = field(default_factory=list)
+
+
+def convert_to_elastic(model: nn.Module, controller: ElasticController) -> nn.Module:
+    """Make ``model`` (a built ``MambaModel``) elastic in place; returns it.
+
+    Raises ``TypeError`` naming the module when a layer kind cannot be made elastic (fused
+    TE norm+linear, LayerNorm, grouped-GEMM experts, ...) and ``ValueError`` when the model's
+    shapes disagree with ``controller.model``. Nothing is changed when it raises.
+    """
+    if _RECORD in model.__dict__:
+        raise TypeError("the model is already elastic; export() it first")
+    steps = list(_plan(model, controller))
+    record = ElasticRecord(controller)
+    for module, mixin, fields in steps:
+        record.modules.append(make_elastic(module, mixin, controller, **fields))
+    model.__dict__[_RECORD] = record
+    return model
+
+
+def export(model: nn.Module) -> nn.Module:
+    """Turn every elastic module of ``model`` back into its upstream class; returns ``model``.
+
+    The weights are untouched: slicing to a budget is :func:`megatron_ext.elastic.slicing.
+    slice_model`.
+    """
+    model.__dict__.pop(_RECORD, None)
+    for module in model.modules():
+        make_plain(module)
+    return model
+
+
+def is_elastic(model: nn.Module) -> bool:
+    """Whether ``model`` was converted and not exported since."""
+    return _RECORD in model.__dict__
+
+
+def elastic_controller(model: nn.Module) -> ElasticController:
+    """The controller ``model`` was converted with."""
+    record = model.__dict__.get(_RECORD)
+    if record is None:
+        raise TypeError("the model is not elastic; call convert_to_elastic first")
+    return record.controller
+
+
+def elastic_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` whose class is elastic now."""
+    return [name for name, m in model.named_modules() if is_elastic_module(m)]
+
+
+# ---- the plan: which module gets which mixin -----------------------------------------------
+
+
+def _check(what: str, got: int, ctrl: ElasticController, axis: str) -> None:
+    full = ctrl.full_widths.get(axis)
+    if full != got:
+        raise ValueError(
+            f"{what} has {got} along {axis!r} but the controller's model says {full}; "
+            "build the controller from the model's own HybridModelConfig"
+        )
+
+
+def _plan(model: nn.Module, ctrl: ElasticController) -> Iterator[Step]:
+    embedding = getattr(model, "embedding", None)
+    if isinstance(embedding, LanguageModelEmbedding):
+        _check("embedding", embedding.word_embeddings.weight.shape[1], ctrl, "embedding")
+        yield embedding, ElasticEmbeddingMixin, {}
+    decoder: Any = model.decoder
+    for i, layer in enumerate(decoder.layers):
+        where = f"decoder.layers.{i}"
+        for attr, feeds in (
+            ("norm", "mixer"),
+            ("input_layernorm", "self_attention"),
+            ("pre_mlp_layernorm", "mlp"),
+        ):
+            yield from _residual_norm(layer, attr, feeds, where)
+        for name, child in layer.named_children():
+            if isinstance(child, MambaMixer):
+                yield from _mamba(child, ctrl, f"{where}.{name}")
+            elif isinstance(child, Attention):
+                yield from _attention(child, ctrl)
+            elif isinstance(child, MoELayer):
+                yield from _moe(child, ctrl, f"{where}.{name}")
+            elif isinstance(child, MLP):
+                yield from _mlp(child, ctrl, "ffn")
+    if getattr(decoder, "final_norm", None) is not None:
+        yield from _residual_norm(decoder, "final_norm", None, "decoder")
+
+
+def _residual_norm(owner: nn.Module, attr: str, feeds: str | None, where: str) -> Iterator[Step]:
+    norm = getattr(owner, attr, None)
+    if norm is None:
+        return
+    if isinstance(norm, IdentityOp):
+        fed = getattr(owner, feeds, None) if feeds else None
+        if fed is not None and not isinstance(fed, IdentityOp):
+            raise TypeError(
+                f"{where}.{attr} is fused into the next linear (Transformer Engine "
+                "LayerNormLinear); elastic embedding needs separate norms (the local backend)"
+            )
+        return
+    if not isinstance(norm, torch.nn.RMSNorm):
+        raise TypeError(
+            f"{where}.{attr} is {type(norm).__name__}; elastic embedding supports "
+            "torch.nn.RMSNorm (megatron_ext.models.norms.TorchNorm with normalization=RMSNorm)"
+        )
+    yield norm, ElasticRMSNormMixin, {}
+
+
+def _mamba(mixer: MambaMixer, ctrl: ElasticController, where: str) -> Iterator[Step]:
+    if not mixer.rmsnorm:
+        raise TypeError(f"{where}: elastic Mamba heads need the mixer's gated norm (rmsnorm=True)")
+    if mixer.cp.cp_size > 1:
+        raise TypeError(f"{where}: elastic Mamba heads do not support context parallelism yet")
+    _check(f"{where} (heads)", mixer.nheads, ctrl, "mamba_heads")
+    _check(f"{where} (head dim)", mixer.headdim, ctrl, "mamba_head_dim")
+    yield mixer.norm, ElasticGatedNormMixin, {"elastic_heads": Shard.of(mixer.tp_group)}
+    yield mixer.out_proj, ElasticRowLinearMixin, {"elastic_in": None, "elastic_out": True}
+
+
+def _attention(attn: Attention, ctrl: ElasticController) -> Iterator[Step]:
+    _check("self_attention", attn.config.num_attention_heads, ctrl, "attn_heads")
+    site = ("attn_heads", Shard.of(attn.tp_group), attn.hidden_size_per_attention_head)
+    yield attn.linear_proj, ElasticRowLinearMixin, {"elastic_in": site, "elastic_out": True}
+
+
+def _mlp(mlp: MLP, ctrl: ElasticController, axis: str) -> Iterator[Step]:
+    shard = Shard.of(mlp.tp_group)
+    width = mlp.linear_fc2.weight.shape[1] * shard.count
+    _check("mlp.linear_fc2 input", width, ctrl, axis)
+    glu = bool(mlp.config.gated_linear_unit)
+    rows = {"elastic_rows": (axis, shard), "elastic_glu": glu}
+    yield mlp.linear_fc1, ElasticColumnLinearMixin, rows
+    # routed experts' outputs are masked once, at the MoE layer's output
+    out = {"elastic_in": (axis, shard, 1), "elastic_out": axis == "ffn"}
+    yield mlp.linear_fc2, ElasticRowLinearMixin, out
+
+
+def _moe(moe: MoELayer, ctrl: ElasticController, where: str) -> Iterator[Step]:
+    if not isinstance(moe.router, TopKRouter):
+        raise TypeError(f"{where}.router is {type(moe.router).__name__}, not a TopKRouter")
+    if not isinstance(moe.experts, SequentialMLP):
+        raise TypeError(
+            f"{where}.experts is {type(moe.experts).__name__}; elastic experts need "
+            "SequentialMLP (moe_grouped_gemm=False)"
+        )
+    _check(f"{where}.router", moe.router.weight.shape[0], ctrl, "moe_experts")
+    yield moe, ElasticMoELayerMixin, {}
+    yield moe.router, ElasticRouterMixin, {}
+    for expert in moe.experts.local_experts:
+        yield from _mlp(expert, ctrl, "moe_ffn")

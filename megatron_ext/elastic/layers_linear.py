@@ -1,0 +1,136 @@
+"""Elastic input/output projections (megatron's column- and row-parallel linears).
+
+Row-parallel layers (``linear_proj``, ``linear_fc2``, ``mixer.out_proj``, the experts'
+``linear_fc2``) take an optional input axis, masked on their input (attention heads, FFN
+channels), and optionally zero their output on the inactive hidden channels so the residual
+stream stays zero there. Column-parallel MLP inputs (``linear_fc1``) only act in narrow mode.
+
+Narrow compute (``ffn``, ``moe_ffn``): ``linear_fc1`` computes only the active local prefix
+of its output rows (both halves with a gated linear unit) and ``linear_fc2`` only reads the
+active local prefix of its input columns. Upstream's ``MLP.forward`` runs unchanged between
+them, on the narrower tensor. The communication is that of upstream's local linears,
+through megatron's mapping functions; the GEMM is ``F.linear`` on a view of the weight, so
+the gradient lands in the full parameter. Narrow compute needs the local backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from torch import Tensor
+
+from megatron_ext.elastic.controller import Shard
+from megatron_ext.elastic.layers_base import ElasticMixin
+
+Out = tuple[Tensor, Tensor | None]
+
+
+def _need_local(module: object, kind: type) -> None:
+    if not isinstance(module, kind):
+        raise TypeError(
+            f"narrow compute needs megatron's local {kind.__name__}, not {type(module).__name__} "
+            "(use the local backend, or compute='masked')"
+        )
+
+
+class ElasticRowLinearMixin(ElasticMixin):
+    """Row-parallel linear with a masked (or narrow) input axis and a masked hidden output.
+
+    Settings: ``elastic_in`` = ``(axis, shard, unit)`` or ``None`` (each position of ``axis``
+    covers ``unit`` input channels, e.g. a head's ``kv_channels``); ``elastic_out`` = whether
+    the output (and its returned bias) is masked by the ``embedding`` axis.
+    """
+
+    elastic_fields = ("elastic_in", "elastic_out")
+    elastic_in: tuple[str, Shard, int] | None
+    elastic_out: bool
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Out:
+        """Mask (or narrow) the input, run the projection, mask the output channels."""
+        ctrl = self.elastic_ctrl
+        site = self.elastic_in
+        if site is not None and ctrl.is_narrow(site[0]):
+            out, bias = self.elastic_narrow_forward(x)
+        else:
+            if site is not None:
+                x = ctrl.mask_last_dim(x, *site)
+            out, bias = self.elastic_upstream.forward(self, x, *args, **kwargs)
+        if self.elastic_out:
+            out = ctrl.mask_last_dim(out, "embedding")
+            if bias is not None:
+                bias = ctrl.mask_last_dim(bias, "embedding")
+        return out, bias
+
+    def elastic_narrow_forward(self, x: Tensor) -> Out:
+        """Input holds only the active local prefix of the input axis: read those columns."""
+        _need_local(self, RowParallelLinear)
+        assert self.elastic_in is not None
+        axis, shard, unit = self.elastic_in
+        cols = self.elastic_ctrl.local_prefix_len(axis, shard) * unit
+        if x.shape[-1] != cols:
+            raise ValueError(f"narrow {axis}: input has {x.shape[-1]} channels, expected {cols}")
+        layer: RowParallelLinear = self  # type: ignore[assignment]
+        if not layer.input_is_parallel:
+            raise TypeError("narrow compute needs a row-parallel layer with input_is_parallel")
+        out = F.linear(x, layer.weight[:, :cols])
+        if layer.explicit_expert_comm:
+            pass  # experts: the token dispatcher reduces
+        elif layer.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out, group=layer.tp_group)
+        else:
+            out = reduce_from_tensor_model_parallel_region(out, group=layer.tp_group)
+        if layer.skip_bias_add:
+            return out, layer.bias
+        return (out if layer.bias is None else out + layer.bias), None
+
+
+class ElasticColumnLinearMixin(ElasticMixin):
+    """Column-parallel MLP input that computes only its active output rows in narrow mode.
+
+    Settings: ``elastic_rows`` = ``(axis, shard)``; ``elastic_glu`` = whether the local
+    output is ``[gate, up]`` halves (gated linear unit), each narrowed the same way.
+    """
+
+    elastic_fields = ("elastic_rows", "elastic_glu")
+    elastic_rows: tuple[str, Shard]
+    elastic_glu: bool
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Out:
+        """Upstream's forward, or the active output rows only in narrow mode."""
+        axis, _ = self.elastic_rows
+        if self.elastic_ctrl.is_narrow(axis):
+            return self.elastic_narrow_forward(x)
+        return self.elastic_upstream.forward(self, x, *args, **kwargs)
+
+    def _narrow_rows(self, t: Tensor, k: int) -> Tensor:
+        if not self.elastic_glu:
+            return t[:k]
+        half = t.shape[0] // 2
+        return torch.cat([t[:k], t[half : half + k]])
+
+    def elastic_narrow_forward(self, x: Tensor) -> Out:
+        """``F.linear`` on the active local rows, with upstream's input communication."""
+        _need_local(self, ColumnParallelLinear)
+        layer: ColumnParallelLinear = self  # type: ignore[assignment]
+        if layer.gather_output:
+            raise TypeError("narrow compute needs a column-parallel layer without gather_output")
+        axis, shard = self.elastic_rows
+        k = self.elastic_ctrl.local_prefix_len(axis, shard)
+        if layer.explicit_expert_comm or layer.disable_grad_reduce:
+            pass  # experts: the token dispatcher gathers
+        elif layer.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, group=layer.tp_group)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
+        bias = None if layer.bias is None else self._narrow_rows(layer.bias, k)
+        out = F.linear(x, self._narrow_rows(layer.weight, k))
+        if layer.skip_bias_add:
+            return out, bias
+        return (out if bias is None else out + bias), None

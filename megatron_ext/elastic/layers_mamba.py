@@ -1,0 +1,63 @@
+"""Mamba heads and head channels: the mixer's gated grouped RMSNorm, made elastic.
+
+Every Mamba head (and every channel of a head) is an independent recurrence: its output
+depends on its own rows of ``in_proj`` (z, x, dt), conv channels, ``A_log``, ``dt_bias``
+and ``D``, and on its group's shared B and C. Zeroing the SSM output of the inactive heads /
+channels before the gated norm, and computing each group's RMS over its active channels,
+gives on the active channels exactly what the sliced mixer computes; ``out_proj`` then sees
+zeros on its inactive input columns. The norm receives the SSM output ``y`` and the gate
+``z`` (``MambaMixer._ssm_prefill``), so masking ``y`` here is masking the SSM output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_ext.elastic.controller import Shard
+from megatron_ext.elastic.layers_base import ElasticMixin
+
+
+class ElasticGatedNormMixin(ElasticMixin):
+    """Gated grouped RMSNorm (mamba-ssm's ``RMSNorm`` interface) over active Mamba channels.
+
+    Setting: ``elastic_heads``, the shard of Mamba heads this rank holds (from the mixer's TP
+    group). Groups are contiguous blocks of ``group_size`` channels, as upstream's.
+    """
+
+    elastic_fields = ("elastic_heads",)
+    elastic_heads: Shard
+    eps: float
+    group_size: int
+    norm_before_gate: bool
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
+
+    def elastic_channel_mask(self, device) -> Tensor:
+        """Bool mask over this rank's ``d_inner`` channels: active head AND active head channel."""
+        ctrl = self.elastic_ctrl
+        heads = ctrl.local_mask("mamba_heads", self.elastic_heads, device)
+        dims = ctrl.local_mask("mamba_head_dim", device=device)
+        return (heads[:, None] & dims[None, :]).reshape(-1)
+
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """Mask the SSM output ``x``, gate it by ``z``, normalise each group's active channels."""
+        ctrl = self.elastic_ctrl
+        if ctrl.is_full("mamba_heads") and ctrl.is_full("mamba_head_dim"):
+            return self.elastic_upstream.forward(self, x, z)
+        mask = self.elastic_channel_mask(x.device)
+        xf = x.float() * mask
+        if z is not None and not self.norm_before_gate:
+            xf = xf * F.silu(z.float())
+        groups = xf.shape[-1] // self.group_size
+        grouped = xf.reshape(*xf.shape[:-1], groups, -1)
+        active = mask.reshape(groups, -1).sum(dim=-1, keepdim=True)  # same in every group
+        mean_sq = grouped.square().sum(dim=-1, keepdim=True) / active
+        out = (grouped * torch.rsqrt(mean_sq + self.eps)).reshape(xf.shape)
+        out = out * self.weight.float()
+        if self.bias is not None:
+            out = out + self.bias.float() * mask
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.float())
+        return out.to(x.dtype)

@@ -1,0 +1,51 @@
+"""The residual stream under the ``embedding`` axis: the embedding output and its norms.
+
+The inactive hidden channels are zero in the embedding output and every output projection
+zeroes them in what it adds (see :mod:`.layers_linear`, :mod:`.layers_moe`), so the residual
+stream is the sliced model's padded with zeros. The norms on it compute their statistics
+over the active channels only and zero the inactive outputs (DESIGN.md invariant 4), so even
+a non-zero value in an inactive channel never reaches a GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_ext.elastic.layers_base import ElasticMixin
+
+
+class ElasticEmbeddingMixin(ElasticMixin):
+    """``LanguageModelEmbedding`` whose output is zero on the inactive hidden channels."""
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        """Upstream's embedding, then the ``embedding`` mask on the hidden channels."""
+        out = self.elastic_upstream.forward(self, *args, **kwargs)
+        return self.elastic_ctrl.mask_last_dim(out, "embedding")
+
+
+class ElasticRMSNormMixin(ElasticMixin):
+    """``torch.nn.RMSNorm`` over the hidden channels whose statistics use active ones only.
+
+    ``y = x * m / sqrt(sum(x² m) / k + eps) * weight`` with ``m`` the ``embedding`` mask and
+    ``k`` its width: exactly the RMSNorm of the ``k``-channel sliced model on the active
+    channels, and zero elsewhere. Computed in fp32, returned in the input dtype. At full
+    width it is upstream's forward, unchanged.
+    """
+
+    eps: float | None
+    weight: torch.nn.Parameter | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` over its active hidden channels."""
+        ctrl = self.elastic_ctrl
+        if ctrl.is_full("embedding"):
+            return self.elastic_upstream.forward(self, x)
+        mask = ctrl.channel_mask("embedding", device=x.device)
+        xf = x.float() * mask
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        mean_sq = xf.square().sum(dim=-1, keepdim=True) / ctrl.width("embedding")
+        out = xf * torch.rsqrt(mean_sq + eps)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.to(x.dtype)

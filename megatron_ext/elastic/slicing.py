@@ -1,0 +1,247 @@
+"""Zero-shot slicing: the standalone smaller model of one budget (DESIGN.md invariant 1).
+
+:func:`slice_model` selects, from every tensor of an elastic model built at TP=1 / EP=1, the
+components active at ``widths`` (the positions :func:`megatron_ext.elastic.layout.active_mask`
+keeps under the recorded stripe layout, in position order) and returns the smaller
+:class:`HybridModelConfig` with that state dict. The plain megatron-core model of that config
+computes exactly what the elastic model computes at ``widths`` in masked mode:
+
+* every hidden-channel GEMM input is zero on inactive channels there, and the residual norms
+  use the active channels' statistics, which the smaller RMSNorm computes over all of its;
+* heads, Mamba heads, Mamba head channels, FFN channels and experts are independent of each
+  other; the Mamba gated norm's group size of the smaller model is its ``d_inner / ngroups``,
+  the active channels of each group.
+
+Selection is ``index_select`` on whole tensors; :func:`save_slice` writes the result as a
+standalone ``torch_dist`` checkpoint with ``model_config.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.convert import elastic_controller
+from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.parallel import ParallelConfig
+
+MODEL_CONFIG = "model_config.json"
+
+_EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)(?P<tail>\..*)$")
+
+
+def sliced_config(model: HybridModelConfig, widths: dict[str, int]) -> HybridModelConfig:
+    """``model`` with every elastic width replaced by its value in ``widths``."""
+    fields = {
+        "embedding": "hidden_size",
+        "attn_heads": "num_attention_heads",
+        "ffn": "ffn_hidden_size",
+        "mamba_heads": "mamba_num_heads",
+        "mamba_head_dim": "mamba_head_dim",
+        "moe_experts": "num_experts",
+        "moe_ffn": "moe_ffn_hidden_size",
+    }
+    changes: dict[str, Any] = {fields[axis]: width for axis, width in widths.items()}
+    return dataclasses.replace(model, name=f"{model.name}_slice", **changes)
+
+
+Rule = dict[str, dict[int, Tensor]]  # parameter name -> {dim: bool mask over that dim}
+
+
+def _linear(rows: Tensor | None, cols: Tensor | None) -> Rule:
+    """A linear layer: ``weight [rows, cols]``; its bias follows the rows."""
+    weight = {d: m for d, m in ((0, rows), (1, cols)) if m is not None}
+    return {"weight": weight, "bias": {} if rows is None else {0: rows}}
+
+
+class _Selection:
+    """Bool masks over the TP=1 layout of every tensor an axis touches, by module name.
+
+    Module names are upstream's with the layer index (``decoder.layers.<i>.``) and the local
+    expert index removed, e.g. ``mixer.in_proj`` or ``mlp.experts.local_experts.linear_fc1``.
+    """
+
+    def __init__(self, ctrl: ElasticController) -> None:
+        cfg = ctrl.model
+        m = {axis: ctrl.global_mask(axis) for axis in ctrl.full_widths}
+        h = m["embedding"]
+        norm = {"weight": {0: h}, "bias": {0: h}}
+        self.table: dict[str, Rule] = {
+            "embedding.word_embeddings": {"weight": {1: h}},
+            "output_layer": _linear(None, h),
+            "decoder.final_norm": norm,
+            "norm": norm,  # Mamba layers' pre-norm
+            "input_layernorm": norm,
+            "pre_mlp_layernorm": norm,
+        }
+        self.experts: Tensor | None = m.get("moe_experts")
+        glu = 2 if cfg.activation == "swiglu" else 1  # fc1 rows are [gate; up] halves
+        if "attn_heads" in m:
+            heads = m["attn_heads"].view(cfg.num_query_groups, -1)  # [groups, heads per group]
+            kv = cfg.kv_channels
+            qkv = torch.ones(heads.shape[0], heads.shape[1] + 2, kv, dtype=torch.bool)
+            qkv[:, : heads.shape[1]] = heads[:, :, None]  # [q heads.., k, v] per group
+            self.table["self_attention.linear_qkv"] = _linear(qkv.reshape(-1), h)
+            head_cols = m["attn_heads"].repeat_interleave(kv)
+            self.table["self_attention.linear_proj"] = _linear(h, head_cols)
+        if "mamba_heads" in m:
+            heads = m["mamba_heads"]
+            ch = (heads[:, None] & m["mamba_head_dim"][None, :]).reshape(-1)
+            bc = torch.ones(2 * cfg.mamba_num_groups * cfg.mamba_state_dim, dtype=torch.bool)
+            self.table.update(
+                {
+                    # per head (D per channel, D_has_hdim, is not built by this project)
+                    "mixer": {"A_log": {0: heads}, "dt_bias": {0: heads}, "D": {0: heads}},
+                    "mixer.in_proj": _linear(torch.cat([ch, ch, bc, heads]), h),  # z x B C dt
+                    "mixer.conv1d": {"weight": {0: torch.cat([ch, bc])}},  # x B C
+                    "mixer.norm": {"weight": {0: ch}, "bias": {0: ch}},
+                    "mixer.out_proj": _linear(h, ch),
+                }
+            )
+            self.table["mixer.conv1d"]["bias"] = self.table["mixer.conv1d"]["weight"]
+        if "ffn" in m:
+            self.table["mlp.linear_fc1"] = _linear(m["ffn"].repeat(glu), h)
+            self.table["mlp.linear_fc2"] = _linear(h, m["ffn"])
+        if self.experts is not None:
+            fc = "mlp.experts.local_experts.linear_fc"
+            self.table.update(
+                {
+                    "mlp.router": {
+                        "weight": {0: self.experts, 1: h},
+                        "bias": {0: self.experts},
+                        "expert_bias": {0: self.experts},
+                    },
+                    f"{fc}1": _linear(m["moe_ffn"].repeat(glu), h),
+                    f"{fc}2": _linear(h, m["moe_ffn"]),
+                    "mlp.shared_experts.linear_fc1": _linear(None, h),
+                    "mlp.shared_experts.linear_fc2": _linear(h, None),
+                    "mlp.shared_experts": {"gate_weight": {1: h}},
+                }
+            )
+
+    def rules(self, key: str) -> dict[int, Tensor]:
+        """``{dim: bool mask}`` for the tensor named ``key`` (an upstream state-dict name)."""
+        owner, _, name = key.rpartition(".")
+        generic = re.sub(r"^decoder\.layers\.\d+\.", "", owner)
+        generic = re.sub(r"local_experts\.\d+\.", "local_experts.", generic)
+        rule = self.table.get(generic, {}).get(name)
+        if rule is None:
+            raise KeyError(f"no slicing rule for {key!r}; add one in megatron_ext.elastic.slicing")
+        return rule
+
+
+def _index(mask: Tensor, device: torch.device) -> Tensor:
+    return mask.nonzero().flatten().to(device)
+
+
+def _check_unsharded(model: nn.Module) -> None:
+    from megatron.core.utils import get_pg_size
+
+    for name, module in model.named_modules():
+        for attr in ("tp_group", "ep_group"):
+            group = getattr(module, attr, None)
+            if group is not None and get_pg_size(group) > 1:
+                raise NotImplementedError(
+                    f"slice_model needs the model at TP=1 / EP=1; {name}.{attr} has "
+                    f"{get_pg_size(group)} ranks (load the elastic checkpoint at TP=1 first)"
+                )
+
+
+@torch.no_grad()
+def slice_model(
+    model: nn.Module, widths: dict[str, int], controller: ElasticController | None = None
+) -> tuple[HybridModelConfig, dict[str, Any]]:
+    """The smaller config at ``widths`` and its state dict, selected from ``model`` (TP=1).
+
+    ``model`` is an elastic model (its controller gives the full shape and stripe layout) or
+    a plain one with ``controller``. Axes missing from ``widths`` stay full. The returned
+    tensors are new (``index_select``); ``_extra_state`` entries are carried over.
+    """
+    ctrl = controller or elastic_controller(model)
+    _check_unsharded(model)
+    probe = ElasticController(ctrl.model, ctrl.stripes, widths=widths)
+    select = _Selection(probe)
+    kept_experts = {}
+    if select.experts is not None:
+        kept = _index(select.experts, torch.device("cpu")).tolist()
+        kept_experts = {int(j): i for i, j in enumerate(kept)}
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        match = _EXPERT.match(key)
+        if match is not None:
+            j = int(match["j"])
+            if j not in kept_experts:
+                continue
+            key = f"{match['head']}{kept_experts[j]}{match['tail']}"
+        if not isinstance(value, Tensor) or key.endswith("_extra_state"):
+            out[key] = value
+            continue
+        rules = select.rules(key)
+        for dim, mask in rules.items():
+            if value.shape[dim] != mask.numel():
+                raise ValueError(f"{key}: dim {dim} has {value.shape[dim]}, mask {mask.numel()}")
+            value = value.index_select(dim, _index(mask, value.device))
+        out[key] = value if rules else value.clone()
+    return sliced_config(ctrl.model, probe.widths), out
+
+
+def build_slice(
+    config: HybridModelConfig,
+    state_dict: dict[str, Any],
+    parallel: ParallelConfig | None = None,
+    pg_collection=None,
+) -> nn.Module:
+    """The plain megatron-core model of ``config`` with ``state_dict`` loaded (strict)."""
+    from megatron_ext.models.builder import build_model
+
+    model = build_model(config, parallel or ParallelConfig(), pg_collection)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def save_slice(
+    model: nn.Module,
+    widths: dict[str, int],
+    directory: str | Path,
+    pg_collection=None,
+    controller: ElasticController | None = None,
+) -> Path:
+    """Slice ``model`` at ``widths`` and save it as a standalone checkpoint under ``directory``.
+
+    Writes ``directory/iter_0000000`` (megatron ``torch_dist`` weights, no optimizer, through
+    :class:`megatron_ext.checkpoint.CheckpointManager`) and ``directory/model_config.json``.
+    Returns the checkpoint directory.
+    """
+    from megatron_ext.checkpoint import CheckpointManager
+
+    config, state = slice_model(model, widths, controller)
+    small = build_slice(config, state, pg_collection=pg_collection)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = CheckpointManager(directory, pg_collection, keep=1).save(
+        0, small, None, {"widths": dict(widths), "kind": "elastic_slice"}
+    )
+    (directory / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    return path
+
+
+def load_slice(directory: str | Path, pg_collection=None) -> nn.Module:
+    """Build the model of ``directory/model_config.json`` and load its saved weights."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.checkpoint import CheckpointManager
+    from megatron_ext.models.builder import build_model
+
+    directory = Path(directory)
+    config = HybridModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    model = build_model(config, ParallelConfig(), pg_collection)
+    path = CheckpointManager(directory, pg_collection).path_for(0)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+    return model

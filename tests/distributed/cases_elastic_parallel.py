@@ -1,0 +1,186 @@
+"""Elastic layers at TP=2 and EP=2 against TP=1, in ONE 2-rank torchrun launch (gloo, CPU).
+
+Usage: ``torchrun --standalone --nproc-per-node 2 cases_elastic_parallel.py OUT.json``.
+Rank 0 writes ``{"cases": {name: {...measured max abs diffs...} | {"error": traceback}}}``.
+
+The reference is the elastic model at TP=1 / EP=1 (both ranks hold the same replica), read
+with the stripe layout of the run compared against (TP=2 / EP=2 for the TP=2 case, TP=1 /
+EP=2 for the EP=2 case, so narrow compute has a local prefix on every rank). Its weights
+move to the other layouts through megatron-core ``dist_checkpointing`` (saved at TP=1,
+loaded at TP=2 or EP=2); the TP=1 slice of the small budget is saved with ``save_slice``
+and loaded at TP=2 / EP=2 as a plain smaller model.
+Vocab-parallel logits are gathered over the TP group before comparing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.elastic.controller import ElasticController, StripeLayout
+from megatron_ext.elastic.convert import convert_to_elastic, export
+from megatron_ext.elastic.slicing import MODEL_CONFIG, save_slice
+from megatron_ext.models.builder import build_model, causal_mask
+from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
+
+NPROC = 2
+SEQ, BATCH = 64, 2
+SEED = 4321
+MODEL = HybridModelConfig()
+# Narrow compute needs the stripes of the run (a local prefix per rank); masked compute and
+# slicing work with any. The slice is cut with TP2_EP2 in both cases.
+TP2_EP2, TP1_EP2 = StripeLayout(tp=2, ep=2), StripeLayout(tp=1, ep=2)
+SMALL = {
+    "embedding": 96,
+    "attn_heads": 2,
+    "mamba_heads": 4,
+    "mamba_head_dim": 8,
+    "ffn": 128,
+    "moe_experts": 4,
+    "moe_ffn": 32,
+}
+BUDGETS = {"full": {}, **{axis: {axis: w} for axis, w in SMALL.items()}, "all": SMALL}
+NARROW = ("ffn", "moe_ffn", "all")
+
+
+def layout(tp: int = 1, ep: int = 1):
+    par = ParallelConfig(nproc=NPROC, tp=tp, ep=ep, timeout_s=300)
+    return par, init_distributed(par)
+
+
+def inputs():
+    raw = Path(os.__file__).read_bytes()[8192 : 8192 + BATCH * SEQ]
+    tokens = torch.tensor(list(raw)).view(BATCH, SEQ)
+    return tokens, torch.arange(SEQ)[None].expand(BATCH, SEQ), causal_mask(SEQ)
+
+
+@torch.no_grad()
+def logits(model, pgs) -> torch.Tensor:
+    """Full-vocab logits: the TP shards of the vocab-parallel output gathered."""
+    out = model(*inputs()).contiguous()
+    tp = pgs.tp.size()
+    if tp == 1:
+        return out
+    parts = [torch.empty_like(out) for _ in range(tp)]
+    dist.all_gather(parts, out, group=pgs.tp)
+    return torch.cat(parts, dim=-1)
+
+
+def fresh_dir(path: Path) -> Path:
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    return path
+
+
+def reference(work: Path) -> dict:
+    """TP=1 elastic logits at every budget; weights and the small slice saved for the others."""
+    from megatron_ext.checkpoint import save_sharded
+
+    par, pgs = layout()
+    set_seed(SEED)
+    model = build_model(MODEL, par, pgs).eval()
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    save_sharded(model.sharded_state_dict(), fresh_dir(work / "weights"))
+    ref: dict = {}
+    for stripes in (TP1_EP2, TP2_EP2):  # the slice is saved with the last one
+        ctrl = ElasticController(MODEL, stripes)
+        convert_to_elastic(model, ctrl)
+        ref[stripes] = {}
+        for name, widths in BUDGETS.items():
+            with ctrl.at(widths):
+                ref[stripes][name] = logits(model, pgs)
+        save_slice(model, SMALL, fresh_dir(work / "slice"), pgs)
+        export(model)
+    return ref
+
+
+def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) -> dict:
+    """Elastic masked (and narrow) logits at a budget at tp/ep equal the TP=1 ones."""
+    from megatron.core import dist_checkpointing
+
+    par, pgs = layout(tp, ep)
+    model = build_model(MODEL, par, pgs).eval()
+    model.load_state_dict(
+        dist_checkpointing.load(model.sharded_state_dict(), str(work / "weights"))
+    )
+    ctrl = ElasticController(MODEL, stripes)
+    convert_to_elastic(model, ctrl)
+    ref = refs[stripes]
+    result: dict = {"masked": {}, "narrow": {}, "stripes": [stripes.tp, stripes.ep]}
+    for name, widths in BUDGETS.items():
+        with ctrl.at(widths, mode="masked"):
+            result["masked"][name] = (logits(model, pgs) - ref[name]).abs().max().item()
+        if name in NARROW:
+            with ctrl.at(widths, mode="narrow"):
+                result["narrow"][name] = (logits(model, pgs) - ref[name]).abs().max().item()
+    # the TP=1 slice loads as a plain smaller model at this layout
+    config = HybridModelConfig(**json.loads((work / "slice" / MODEL_CONFIG).read_text()))
+    small = build_model(config, par, pgs).eval()
+    path = work / "slice" / "iter_0000000"
+    small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
+    result["slice_vs_masked"] = (logits(small, pgs) - refs[TP2_EP2]["all"]).abs().max().item()
+    result["tp"], result["ep"] = pgs.tp.size(), pgs.ep.size()
+    return result
+
+
+def worst_over_ranks(result: dict) -> dict:
+    """Every measured diff replaced by its maximum over the ranks."""
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, float):
+            t = torch.tensor([value], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.item()
+        return value
+
+    return walk(result)
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    layout()
+    work = fresh_dir(out.parent / "elastic_parallel_work")
+    results: dict = {}
+    try:
+        ref = reference(work)
+    except Exception:
+        ref = None
+        results["reference"] = {"error": traceback.format_exc()}
+    for name, (tp, ep, stripes) in {"tp2": (2, 1, TP2_EP2), "ep2": (1, 2, TP1_EP2)}.items():
+        start = time.perf_counter()
+        try:
+            if ref is None:
+                raise RuntimeError("the TP=1 reference failed")
+            results[name] = worst_over_ranks(elastic_at(work, ref, tp, ep, stripes))
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.perf_counter() - start, 2)
+    if dist.get_rank() == 0:
+        payload = {"cases": results, "seconds": round(time.perf_counter() - t0, 2)}
+        out.write_text(json.dumps(payload, indent=1))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]).resolve())
