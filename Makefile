@@ -1,4 +1,5 @@
-# make demo   — the embedded default: tiny hybrid parent on the stdlib corpus, on CPU
+# make demo   — the embedded default on CPU: tiny hybrid parent on the stdlib corpus, then
+#               importance ranking + reorder, then zero-shot slices of every budget
 # make test   — the test suite (unit, 2-rank gloo, resume)
 # make lint   — ruff (lint + format check) and mypy
 # Each target creates .venv when it is missing.
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/star-elastic train-parent run.dir=$(RUN_DIR)/parent
+	$(VENV)/bin/star-elastic importance parent.dir=$(RUN_DIR)/parent run.dir=$(RUN_DIR)/importance
+	$(VENV)/bin/star-elastic slice source.dir=$(RUN_DIR)/importance run.dir=$(RUN_DIR)/slices
+
+bench: $(STAMP)
+	$(PY) bench/slice_quality.py $(RUN_DIR)/parent
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

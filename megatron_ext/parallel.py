@@ -89,11 +89,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(cfg: ParallelConfig):
+def init_distributed(cfg: ParallelConfig, seed: int = 0):
     """Initialise ``torch.distributed`` and megatron-core's model-parallel groups.
 
     Works under torchrun/srun (reads ``RANK``/``WORLD_SIZE``) and as a single plain process
-    (a world of one on a free local port). Returns megatron's ``ProcessGroupCollection``.
+    (a world of one on a free local port). Also seeds the RNGs with ``seed`` (see
+    :func:`set_seed`), since megatron-core cannot build a layer before its RNG tracker has its
+    named states. Returns megatron's ``ProcessGroupCollection``.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -125,6 +127,7 @@ def init_distributed(cfg: ParallelConfig):
         pipeline_model_parallel_size=cfg.pp,
         expert_model_parallel_size=cfg.ep,
     )
+    set_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
 

@@ -19,6 +19,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "recipes.importance",
         "rank components by importance and reorder the parent",
     ),
+    "slice": (
+        "slice",
+        "recipes.slice",
+        "write a standalone smaller checkpoint per budget, zero-shot",
+    ),
     "model-info": (
         "model_info",
         "recipes.model_info",
@@ -44,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = argv[0], argv[1:]
     # megatron-core warns at import that TE/Apex are absent (summary.json reports backends)
     # and about a cuda-graph default this project never uses.
-    for noise in (".*Apex (is|are) not installed", ".*full scope is deprecated"):
+    noisy = (
+        ".*Apex (is|are) not installed",
+        ".*full scope is deprecated",
+        ".*`load_state_dict` is deprecated",
+        ".*Please use DTensor instead",
+    )
+    for noise in noisy:
         warnings.filterwarnings("ignore", message=noise)
     if recipe not in RECIPES:
         print(f"unknown recipe {recipe!r}\n\n{usage()}", file=sys.stderr)

@@ -30,7 +30,7 @@ from megatron_ext.elastic.reorder import (
     write_elastic_layout,
 )
 from megatron_ext.models.builder import build_model, causal_mask
-from megatron_ext.models.config import ConfigError, HybridModelConfig
+from megatron_ext.models.config import ConfigError, HybridModelConfig, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, key_value_table, write_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> dict:
         "importance": result.summary(),
     }
     if is_main():
+        save_model_config(model_cfg, run_dir)
         write_elastic_layout(run_dir / "checkpoints", record)  # beside the checkpoint
         write_elastic_layout(saved, record)  # and in it (not in its manifest)
         torch.save({a: dict(layers) for a, layers in result.scores.items()}, run_dir / "scores.pt")

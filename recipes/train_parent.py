@@ -9,7 +9,7 @@ from megatron_ext.compat import backend_report
 from megatron_ext.config.compose import section, to_plain
 from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
 from megatron_ext.models.builder import build_model
-from megatron_ext.models.config import ConfigError, HybridModelConfig
+from megatron_ext.models.config import ConfigError, HybridModelConfig, save_model_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import key_value_table, plot_loss_curves, write_summary
@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
         **counts.as_dict(),
     }
     if is_main():
+        save_model_config(model_cfg, run_dir)
         write_summary(run_dir, summary)
         plot_loss_curves(
             result.history.train,

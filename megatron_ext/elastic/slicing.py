@@ -19,7 +19,6 @@ standalone ``torch_dist`` checkpoint with ``model_config.json`` beside it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,15 @@ from torch import Tensor, nn
 
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.convert import elastic_controller
-from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.models.config import (
+    MODEL_CONFIG_FILE,
+    HybridModelConfig,
+    load_model_config,
+    save_model_config,
+)
 from megatron_ext.parallel import ParallelConfig
 
-MODEL_CONFIG = "model_config.json"
+MODEL_CONFIG = MODEL_CONFIG_FILE
 
 _EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)(?P<tail>\..*)$")
 
@@ -201,7 +205,7 @@ def build_slice(
     """The plain megatron-core model of ``config`` with ``state_dict`` loaded (strict)."""
     from megatron_ext.models.builder import build_model
 
-    model = build_model(config, parallel or ParallelConfig(), pg_collection)
+    model = build_model(config, parallel or ParallelConfig(), pg_collection, initialize=False)
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -228,7 +232,7 @@ def save_slice(
     path = CheckpointManager(directory, pg_collection, keep=1).save(
         0, small, None, {"widths": dict(widths), "kind": "elastic_slice"}
     )
-    (directory / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    save_model_config(config, directory)
     return path
 
 
@@ -240,8 +244,8 @@ def load_slice(directory: str | Path, pg_collection=None) -> nn.Module:
     from megatron_ext.models.builder import build_model
 
     directory = Path(directory)
-    config = HybridModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
-    model = build_model(config, ParallelConfig(), pg_collection)
+    config = load_model_config(directory)
+    model = build_model(config, ParallelConfig(), pg_collection, initialize=False)
     path = CheckpointManager(directory, pg_collection).path_for(0)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
     return model

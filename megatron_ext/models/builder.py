@@ -97,13 +97,15 @@ def build_model(
     *,
     backend: str = "auto",
     meta: bool = False,
+    initialize: bool = True,
 ) -> MambaModel:
     """Build the hybrid ``MambaModel`` for this rank's shard.
 
     With ``meta=True`` no memory is allocated and nothing is initialised: use it to count
-    parameters of shapes that do not fit on the machine.
+    parameters of shapes that do not fit on the machine. ``initialize=False`` allocates but
+    skips the random initialisation, for weights that are loaded right after.
     """
-    config = transformer_config(model, parallel, initialize=not meta)
+    config = transformer_config(model, parallel, initialize=initialize and not meta)
     spec = hybrid_stack_spec(backend_provider(backend), model.num_experts)
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 ACTIVATIONS = ("squared_relu", "swiglu", "gelu")
@@ -127,3 +130,22 @@ class HybridModelConfig:
     def mamba_d_inner(self) -> int:
         """Mamba inner width: heads × head dim."""
         return self.mamba_num_heads * self.mamba_head_dim
+
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def save_model_config(cfg: HybridModelConfig, directory: str | Path) -> Path:
+    """Write ``cfg`` as ``directory/model_config.json``: the shape of the checkpoints there."""
+    path = Path(directory) / MODEL_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    return path
+
+
+def load_model_config(directory: str | Path) -> HybridModelConfig:
+    """Read ``directory/model_config.json``; the error names the directory if it is missing."""
+    path = Path(directory) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{directory}: no {MODEL_CONFIG_FILE} (not a run that saved a model)")
+    return HybridModelConfig(**json.loads(path.read_text()))

@@ -25,16 +25,8 @@ def _run(run_dir: Path, data_overrides: list[str], *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def parent_run(tmp_path_factory, data_overrides):
-    run_dir = tmp_path_factory.mktemp("parent")
-    summary = _run(
-        run_dir,
-        data_overrides,
-        "train.steps=60",
-        "train.eval_interval=20",
-        "train.save_interval=30",
-    )
-    return run_dir, summary
+def parent_run(trained_parent):
+    return trained_parent
 
 
 def test_parent_training_lowers_the_heldout_loss_on_real_text(parent_run):
