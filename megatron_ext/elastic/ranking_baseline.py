@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint import CheckpointManager
+from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.importance import Scores, compute_importance
@@ -66,6 +66,8 @@ def compare_orders(
     model_cfg = load_model_config(parent_dir)
     ckpts = CheckpointManager(parent_dir / "checkpoints", pg_collection)
     source = ckpts.latest_valid()
+    if source is None:
+        raise CheckpointError(f"{parent_dir}: no valid checkpoint under checkpoints/")
 
     def parent() -> torch.nn.Module:
         model = build_model(model_cfg, ParallelConfig(), pg_collection, initialize=False)
