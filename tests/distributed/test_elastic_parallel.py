@@ -13,13 +13,11 @@ loaded at TP=2 / EP=2 against the elastic TP=1 logits.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import run_cases
 
 SCRIPT = Path(__file__).with_name("cases_elastic_parallel.py")
 ATOL = 1e-5
@@ -38,24 +36,7 @@ BUDGETS = (
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("elastic_parallel") / "results.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(SCRIPT),
-        str(out),
-    ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - start
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
-    data = json.loads(out.read_text())
-    print(f"distributed launch: {wall:.1f} s wall, cases {data['seconds']} s")
-    return data["cases"]
+    return run_cases(SCRIPT, tmp_path_factory.mktemp("elastic_parallel"))["cases"]
 
 
 def case(results: dict, name: str) -> dict:

@@ -9,15 +9,12 @@ order, a missing or doubled reduction, or a mis-attributed expert gives errors o
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from megatron_ext.elastic.config import AXES
+from tests.distributed.launch import case, run_cases
 
 SCRIPT = Path(__file__).with_name("cases_importance.py")
 RTOL = 1e-5
@@ -25,23 +22,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("importance_parallel") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*cmd, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=600
-    )
-    wall = time.perf_counter() - start
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
-    data = json.loads(out.read_text())
-    print(f"distributed launch: {wall:.1f} s wall, cases {data['seconds']} s")
-    return data
-
-
-def case(results: dict, name: str) -> dict:
-    result = results["cases"][name]
-    assert "error" not in result, result["error"]
-    return result
+    return run_cases(SCRIPT, tmp_path_factory.mktemp("importance_parallel"))
 
 
 def test_tp1_reference_scores_every_axis_identically_on_both_ranks(results):

@@ -25,13 +25,11 @@ sequence parallelism, for one, gives every routed expert exactly twice its gradi
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import case, run_cases
 
 SCRIPT = Path(__file__).with_name("cases_parallel_equivalence.py")
 LOSS_ATOL = 1e-5
@@ -42,31 +40,7 @@ ROUTED_EXPERTS = ".mlp.experts.experts."
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("parallel_equivalence") / "results.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(SCRIPT),
-        str(out),
-    ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - start
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
-    data = json.loads(out.read_text())
-    data["launch_wall_s"] = wall
-    print(f"distributed launch: {wall:.1f} s wall, cases {data['seconds']} s")
-    return data
-
-
-def case(results: dict, name: str) -> dict:
-    result = results["cases"][name]
-    assert "error" not in result, result["error"]
-    return result
+    return run_cases(SCRIPT, tmp_path_factory.mktemp("parallel_equivalence"))
 
 
 def assert_grads_close(result: dict, select) -> None:
