@@ -16,6 +16,7 @@ tokenizers here subclass ``MegatronTokenizerBase``.  What the dataset code actua
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,13 @@ class _TokenizerBase(MegatronTokenizerBase):
         super().__init__(path, {})
         self._options = dict(options)
 
+    @abstractmethod
     def encode(self, text: str, *, parse_special: bool = True) -> list[int]:
         """Convert text to token ids."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Any) -> str:
         """Convert token ids back to text."""
-        raise NotImplementedError
 
     def tokenize(self, text: str) -> list[int]:  # type: ignore[override]
         """Megatron's name for :meth:`encode`."""
@@ -56,7 +57,7 @@ class _TokenizerBase(MegatronTokenizerBase):
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Not supported: these tokenizers have no chat template."""
-        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+        raise TypeError(f"{type(self).__name__} has no chat template")
 
     @property
     def inv_vocab(self) -> dict[int, str]:

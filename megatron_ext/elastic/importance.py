@@ -146,7 +146,7 @@ class ImportanceScorer:
 
     def _add_norm(self, i: int, norm: Any, where: str) -> None:
         if _is_identity(norm):
-            raise NotImplementedError(
+            raise ValueError(
                 f"decoder.layers.{i}.{where} is fused into the next linear (Transformer "
                 "Engine spec); score importance with model_backend=local"
             )
@@ -190,7 +190,7 @@ class ImportanceScorer:
     def _add_moe(self, i: int, moe: Any) -> None:
         experts = getattr(moe.experts, "local_experts", None)
         if experts is None:
-            raise NotImplementedError(
+            raise ValueError(
                 f"decoder.layers.{i}.mlp.experts is {type(moe.experts).__name__}; REAP scoring "
                 "needs megatron's SequentialMLP (moe_grouped_gemm=False)"
             )

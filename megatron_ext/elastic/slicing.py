@@ -152,7 +152,7 @@ def _check_unsharded(model: nn.Module) -> None:
         for attr in ("tp_group", "ep_group"):
             group = getattr(module, attr, None)
             if group is not None and get_pg_size(group) > 1:
-                raise NotImplementedError(
+                raise ValueError(
                     f"slice_model needs the model at TP=1 / EP=1; {name}.{attr} has "
                     f"{get_pg_size(group)} ranks (load the elastic checkpoint at TP=1 first)"
                 )

@@ -15,7 +15,7 @@ def capture_rng() -> dict[str, Any]:
         "tracker": get_cuda_rng_tracker().get_states(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -23,5 +23,5 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Restore what :func:`capture_rng` captured."""
     torch.set_rng_state(state["cpu"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["device"])
