@@ -130,6 +130,7 @@ class ElasticController:
             heads, groups = model.mamba_num_heads, model.mamba_num_groups
             self.group_sizes["mamba_heads"] = heads // groups
         self.widths: dict[str, int] = dict(self.full_widths)
+        self.gates: dict[str, Tensor] = {}
         self.mode = "masked"
         self.set_mode(mode)
         if widths:
@@ -159,6 +160,23 @@ class ElasticController:
     def set_full(self) -> None:
         """Every axis at its full width."""
         self.widths = dict(self.full_widths)
+
+    def set_gates(self, gates: Mapping[str, Tensor] | None = None) -> None:
+        """Per-axis straight-through router scalars (value 1.0); ``None`` clears them.
+
+        Layers multiply each axis's contribution by its gate, so the forward pass is
+        unchanged (``x * 1.0 == x``) while the task loss reaches the router's logits.
+        """
+        self.gates = dict(gates or {})
+
+    def apply_gate(self, x: Tensor, *axes: str) -> Tensor:
+        """``x`` times the gates of ``axes`` that are set (``x`` itself when none is)."""
+        gate = None
+        for axis in axes:
+            g = self.gates.get(axis)
+            if g is not None:
+                gate = g if gate is None else gate * g
+        return x if gate is None else x * gate.to(x.dtype)
 
     def set_mode(self, mode: str) -> None:
         """Switch between ``"masked"`` and ``"narrow"`` compute."""

@@ -56,6 +56,8 @@ class ElasticRowLinearMixin(ElasticMixin):
         """Mask (or narrow) the input, run the projection, mask the output channels."""
         ctrl = self.elastic_ctrl
         site = self.elastic_in
+        if site is not None:
+            x = ctrl.apply_gate(x, site[0])
         if site is not None and ctrl.is_narrow(site[0]):
             out, bias = self.elastic_narrow_forward(x)
         else:

@@ -45,7 +45,12 @@ class ElasticGatedNormMixin(ElasticMixin):
         """Mask the SSM output ``x``, gate it by ``z``, normalise each group's active channels."""
         ctrl = self.elastic_ctrl
         if ctrl.is_full("mamba_heads") and ctrl.is_full("mamba_head_dim"):
-            return self.elastic_upstream.forward(self, x, z)
+            out = self.elastic_upstream.forward(self, x, z)
+        else:
+            out = self._masked_norm(x, z)
+        return ctrl.apply_gate(out, "mamba_heads", "mamba_head_dim")
+
+    def _masked_norm(self, x: Tensor, z: Tensor | None) -> Tensor:
         mask = self.elastic_channel_mask(x.device)
         xf = x.float() * mask
         if z is not None and not self.norm_before_gate:

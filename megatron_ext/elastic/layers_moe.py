@@ -52,5 +52,6 @@ class ElasticMoELayerMixin(ElasticMixin):
 
     def postprocess(self, output: Tensor, shared_expert_output: Tensor | None) -> Tensor:
         """Upstream's combine with the shared experts, then the ``embedding`` mask."""
+        output = self.elastic_ctrl.apply_gate(output, "moe_experts")
         out = self.elastic_upstream.postprocess(self, output, shared_expert_output)
         return self.elastic_ctrl.mask_last_dim(out, "embedding")

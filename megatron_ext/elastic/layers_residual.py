@@ -40,7 +40,13 @@ class ElasticRMSNormMixin(ElasticMixin):
         """Normalise ``x`` over its active hidden channels."""
         ctrl = self.elastic_ctrl
         if ctrl.is_full("embedding"):
-            return self.elastic_upstream.forward(self, x)
+            out = self.elastic_upstream.forward(self, x)
+        else:
+            out = self._masked_norm(x)
+        return ctrl.apply_gate(out, "embedding")
+
+    def _masked_norm(self, x: Tensor) -> Tensor:
+        ctrl = self.elastic_ctrl
         mask = ctrl.channel_mask("embedding", device=x.device)
         xf = x.float() * mask
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
