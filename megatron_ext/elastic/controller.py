@@ -20,7 +20,7 @@ Masks are built on the device of the tensor they apply to and cached per
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +130,7 @@ class ElasticController:
             heads, groups = model.mamba_num_heads, model.mamba_num_groups
             self.group_sizes["mamba_heads"] = heads // groups
         self.widths: dict[str, int] = dict(self.full_widths)
-        self.gates: dict[str, Tensor] = {}
+        self.soft: dict[str, tuple[Tensor, list[int]]] = {}
         self.mode = "masked"
         self.set_mode(mode)
         if widths:
@@ -161,22 +161,43 @@ class ElasticController:
         """Every axis at its full width."""
         self.widths = dict(self.full_widths)
 
-    def set_gates(self, gates: Mapping[str, Tensor] | None = None) -> None:
-        """Per-axis straight-through router scalars (value 1.0); ``None`` clears them.
+    def set_gates(self, gates: Mapping[str, tuple[Tensor, Sequence[int]]] | None = None) -> None:
+        """Per axis, the router's straight-through one-hot over the axis's width choices.
 
-        Layers multiply each axis's contribution by its gate, so the forward pass is
-        unchanged (``x * 1.0 == x``) while the task loss reaches the router's logits.
+        The soft mask of an axis is ``sum_i y_i * mask(choice_i)``: in the forward pass it is
+        exactly the chosen 0/1 mask (``y`` is a hard one-hot there), in the backward pass each
+        choice's logit receives the activation-gradient product over its own components, so
+        what every choice shares cancels and the marginal components decide. ``None`` clears.
         """
-        self.gates = dict(gates or {})
+        self.soft = {
+            axis: (y, [int(c) for c in choices]) for axis, (y, choices) in (gates or {}).items()
+        }
 
-    def apply_gate(self, x: Tensor, *axes: str) -> Tensor:
-        """``x`` times the gates of ``axes`` that are set (``x`` itself when none is)."""
-        gate = None
-        for axis in axes:
-            g = self.gates.get(axis)
-            if g is not None:
-                gate = g if gate is None else gate * g
-        return x if gate is None else x * gate.to(x.dtype)
+    def soft_mask(self, axis: str, shard: Shard = WHOLE, device=None) -> Tensor | None:
+        """The soft mask over this shard's positions of ``axis``, or ``None`` when unset."""
+        entry = self.soft.get(axis)
+        if entry is None:
+            return None
+        onehot, choices = entry
+        key = ("stack", axis, tuple(choices), shard, str(device))
+        stack = self._cache.get(key)
+        if stack is None:
+            stack = torch.stack([self._local(axis, w, shard) for w in choices]).float()
+            stack = stack.to(device) if device is not None else stack
+            self._cache[key] = stack
+        return onehot.to(stack.dtype) @ stack  # type: ignore[operator]
+
+    def apply_gate(self, x: Tensor, axis: str, shard: Shard = WHOLE, unit: int = 1) -> Tensor:
+        """``x`` times the soft mask of ``axis`` on its last dimension (``x`` when unset).
+
+        A narrow input holds only the local active prefix; the mask's prefix is used then.
+        """
+        mask = self.soft_mask(axis, shard, x.device)
+        if mask is None:
+            return x
+        if unit > 1:
+            mask = mask.repeat_interleave(unit)
+        return x * mask[: x.shape[-1]].to(x.dtype)
 
     def set_mode(self, mode: str) -> None:
         """Switch between ``"masked"`` and ``"narrow"`` compute."""
@@ -216,10 +237,13 @@ class ElasticController:
 
     def local_mask(self, axis: str, shard: Shard = WHOLE, device=None) -> Tensor:
         """Bool mask over this shard's positions of ``axis`` at the current width."""
-        key = ("local", axis, self.widths[axis], shard, str(device))
+        return self._local(axis, self.widths[axis], shard, device)
+
+    def _local(self, axis: str, width: int, shard: Shard = WHOLE, device=None) -> Tensor:
+        key = ("local", axis, width, shard, str(device))
         hit = self._cache.get(key)
         if hit is None:
-            full = self._global_mask(axis, self.widths[axis])
+            full = self._global_mask(axis, width)
             if full.numel() % shard.count:
                 raise ValueError(
                     f"{axis}: {full.numel()} positions do not split into {shard.count} shards"
@@ -243,7 +267,13 @@ class ElasticController:
         return hit  # type: ignore[return-value]
 
     def mask_last_dim(self, x: Tensor, axis: str, shard: Shard = WHOLE, unit: int = 1) -> Tensor:
-        """``x`` with the inactive channels of ``axis`` (its last dimension) set to zero."""
+        """``x`` with the inactive channels of ``axis`` (its last dimension) set to zero.
+
+        With a soft mask set (training), that mask is used: the same 0/1 values forward, and a
+        gradient towards every width choice backward.
+        """
+        if axis in self.soft:
+            return self.apply_gate(x, axis, shard, unit)
         if self.is_full(axis):
             return x
         return x * self.channel_mask(axis, shard, unit, device=x.device, dtype=x.dtype)

@@ -56,10 +56,8 @@ class ElasticRowLinearMixin(ElasticMixin):
         """Mask (or narrow) the input, run the projection, mask the output channels."""
         ctrl = self.elastic_ctrl
         site = self.elastic_in
-        if site is not None:
-            x = ctrl.apply_gate(x, site[0])
         if site is not None and ctrl.is_narrow(site[0]):
-            out, bias = self.elastic_narrow_forward(x)
+            out, bias = self.elastic_narrow_forward(ctrl.apply_gate(x, *site))
         else:
             if site is not None:
                 x = ctrl.mask_last_dim(x, *site)

@@ -42,27 +42,41 @@ class ElasticGatedNormMixin(ElasticMixin):
         return (heads[:, None] & dims[None, :]).reshape(-1)
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        """Mask the SSM output ``x``, gate it by ``z``, normalise each group's active channels."""
+        """Gate ``x`` by ``z``, normalise each group over its active channels, mask the rest.
+
+        Inactive channels are normalised with their group's statistics too and only then
+        zeroed, so a soft mask (training) sees their values and passes a gradient to them.
+        """
         ctrl = self.elastic_ctrl
+        mask = None
         if ctrl.is_full("mamba_heads") and ctrl.is_full("mamba_head_dim"):
             out = self.elastic_upstream.forward(self, x, z)
         else:
-            out = self._masked_norm(x, z)
-        return ctrl.apply_gate(out, "mamba_heads", "mamba_head_dim")
+            mask = self.elastic_channel_mask(x.device)
+            out = self._active_norm(x, z, mask)
+        heads = ctrl.soft_mask("mamba_heads", self.elastic_heads, out.device)
+        dims = ctrl.soft_mask("mamba_head_dim", device=out.device)
+        if heads is not None or dims is not None:
+            head_dim = ctrl.model.mamba_head_dim
+            heads = heads if heads is not None else out.new_ones(out.shape[-1] // head_dim)
+            dims = dims if dims is not None else out.new_ones(head_dim)
+            return out * (heads[:, None] * dims[None, :]).reshape(-1).to(out.dtype)
+        return out if mask is None else out * mask.to(out.dtype)
 
-    def _masked_norm(self, x: Tensor, z: Tensor | None) -> Tensor:
-        mask = self.elastic_channel_mask(x.device)
-        xf = x.float() * mask
+    def _active_norm(self, x: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        xf = x.float()
         if z is not None and not self.norm_before_gate:
             xf = xf * F.silu(z.float())
         groups = xf.shape[-1] // self.group_size
         grouped = xf.reshape(*xf.shape[:-1], groups, -1)
-        active = mask.reshape(groups, -1).sum(dim=-1, keepdim=True)  # same in every group
-        mean_sq = grouped.square().sum(dim=-1, keepdim=True) / active
+        active = mask.reshape(groups, -1)
+        mean_sq = (grouped * active).square().sum(dim=-1, keepdim=True) / active.sum(
+            dim=-1, keepdim=True
+        )
         out = (grouped * torch.rsqrt(mean_sq + self.eps)).reshape(xf.shape)
         out = out * self.weight.float()
         if self.bias is not None:
-            out = out + self.bias.float() * mask
+            out = out + self.bias.float()
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z.float())
         return out.to(x.dtype)

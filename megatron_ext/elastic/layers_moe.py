@@ -33,7 +33,13 @@ class ElasticRouterMixin(ElasticMixin):
         return logits.masked_fill(~active, float("-inf"))
 
     def routing(self, logits: Tensor, *args, **kwargs):
-        """Upstream's routing; an expert bias is ``-inf`` on inactive experts meanwhile."""
+        """Upstream's routing (an expert bias is ``-inf`` on inactive experts meanwhile); the
+        routing probabilities are then scaled by the experts' soft mask when one is set."""
+        probs, routing_map = self._routing(logits, *args, **kwargs)
+        soft = self.elastic_ctrl.soft_mask("moe_experts", device=probs.device)
+        return (probs if soft is None else probs * soft.to(probs.dtype)), routing_map
+
+    def _routing(self, logits: Tensor, *args, **kwargs):
         ctrl = self.elastic_ctrl
         bias = self.expert_bias
         if bias is None or ctrl.is_full("moe_experts"):
@@ -52,6 +58,5 @@ class ElasticMoELayerMixin(ElasticMixin):
 
     def postprocess(self, output: Tensor, shared_expert_output: Tensor | None) -> Tensor:
         """Upstream's combine with the shared experts, then the ``embedding`` mask."""
-        output = self.elastic_ctrl.apply_gate(output, "moe_experts")
         out = self.elastic_upstream.postprocess(self, output, shared_expert_output)
         return self.elastic_ctrl.mask_last_dim(out, "embedding")

@@ -1,0 +1,85 @@
+"""Export one budget's slice of an elastic model as a standalone checkpoint.
+
+Three formats, one module each:
+
+* ``megatron`` (:mod:`.megatron`): megatron-core ``torch_dist`` + ``model_config.json``;
+* ``hf`` (:mod:`.hf`): safetensors + ``config.json`` of the Nemotron-H architecture
+  (``NemotronHForCausalLM``), with :func:`megatron_ext.export.hf.load_hf` for the way back;
+* ``nemo`` (:mod:`.nemo`): the NeMo 2 layout (``context/`` + ``weights/``), written with
+  nemo-toolkit's own serialization (needs the ``nemo`` extra).
+
+Every exporter first slices (:func:`megatron_ext.elastic.slicing.slice_model`, exact), so the
+exported model computes what the elastic model computes at that budget. The tokenizer goes
+with it (:mod:`.tokenizer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS: tuple[str, ...] = ("megatron", "hf", "nemo")
+
+
+class ExportError(ValueError):
+    """The slice cannot be written in the requested format; the message says why."""
+
+
+def dir_bytes(path: Path) -> tuple[int, int]:
+    """(number of files, total bytes) under ``path``."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+@dataclass
+class ExportResult:
+    """One exported slice: where it is, and how many files and bytes it holds."""
+
+    format: str
+    budget: str
+    path: Path
+    files: int = 0
+    bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, fmt: str, budget: str, path: Path, **extra: Any) -> ExportResult:
+        """Measure ``path`` and build the result."""
+        files, size = dir_bytes(path)
+        return cls(fmt, budget, Path(path), files, size, dict(extra))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures under the names ``summary.json`` uses."""
+        return {
+            "format": self.format,
+            "budget": self.budget,
+            "path": str(self.path),
+            "files": self.files,
+            "bytes": self.bytes,
+            **self.extra,
+        }
+
+
+def export_slice(fmt: str, model, widths: dict[str, int], out_dir: str | Path, **kwargs: Any):
+    """Export ``model`` sliced at ``widths`` to ``out_dir`` in format ``fmt``.
+
+    ``kwargs`` go to the format's exporter (``budget``, ``controller``, ``tokenizer``,
+    ``pg_collection``, ...). Returns an :class:`ExportResult`.
+    """
+    if fmt == "megatron":
+        from megatron_ext.export.megatron import export_megatron
+
+        return export_megatron(model, widths, out_dir, **kwargs)
+    if fmt == "hf":
+        from megatron_ext.export.hf import export_hf
+
+        return export_hf(model, widths, out_dir, **kwargs)
+    if fmt == "nemo":
+        from megatron_ext.export.nemo import export_nemo
+
+        return export_nemo(model, widths, out_dir, **kwargs)
+    raise ExportError(f"format: {fmt!r} is not one of {FORMATS}")
+
+
+__all__ = ["FORMATS", "ExportError", "ExportResult", "dir_bytes", "export_slice"]
