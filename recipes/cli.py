@@ -19,6 +19,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "recipes.importance",
         "rank components by importance and reorder the parent",
     ),
+    "train-elastic": (
+        "train_elastic",
+        "recipes.train_elastic",
+        "train the elastic model: router + KD from the frozen parent, curriculum",
+    ),
     "slice": (
         "slice",
         "recipes.slice",
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     config_name, module_name, _ = RECIPES[recipe]
     try:
         cfg = compose_recipe(config_name, overrides)
+        if "cluster" in cfg and cfg.cluster.kind == "slurm":
+            from launch.slurm import in_slurm_job, submit
+
+            if not in_slurm_job():  # inside, the job script already runs this with cluster=local
+                return submit(recipe, overrides, cfg)
         nproc = int(cfg.parallel.nproc) if "parallel" in cfg else 1
         if nproc > 1 and not under_distributed_launcher():
             return launch_torchrun(nproc, recipe, overrides)

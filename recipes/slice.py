@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
+from megatron_ext.elastic.budget_eval import load_choices
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.slice_run import load_source, requested_widths, write_slices
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
@@ -28,7 +29,8 @@ def run(cfg: DictConfig) -> dict:
     model, stripes, model_cfg = load_source(source_dir, pgs, cfg.model_backend)
     elastic.validate_for(model_cfg, ParallelConfig())
     explicit = OmegaConf.to_container(cfg.widths) or {}
-    budgets = requested_widths(elastic, model_cfg, str(cfg.budget), explicit)  # type: ignore[arg-type]
+    chosen = load_choices(source_dir)  # the router's choices, when source.dir is an elastic run
+    budgets = requested_widths(elastic, model_cfg, str(cfg.budget), explicit, chosen)  # type: ignore[arg-type]
     valid = None
     if cfg.eval.enabled:
         data = section(cfg, "data", DataConfig)

@@ -18,10 +18,16 @@ from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
 from megatron_ext.training.loop import train
 from megatron_ext.training.optim import build_optimizer
+from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train the parent; write checkpoints, ``summary.json``, a loss plot and a table."""
+    """Train the parent; write checkpoints, ``summary.json``, a loss plot and a table.
+
+    On ``SIGTERM``/``SIGUSR1`` (any rank) it checkpoints after the current step and exits the
+    process with ``REQUEUE_EXIT_CODE`` (75); the Slurm script requeues on that code, and the
+    next start resumes from the newest valid checkpoint.
+    """
     model_cfg = section(cfg, "model", HybridModelConfig)
     parallel = section(cfg, "parallel", ParallelConfig)
     data_cfg = section(cfg, "data", DataConfig)
@@ -29,6 +35,8 @@ def run(cfg: DictConfig) -> dict:
     run_cfg = section(cfg, "run", RunConfig)
     set_threads(train_cfg.threads)
     pgs = init_distributed(parallel)
+    # Installed before the slow set-up: a signal during it stops the run after the first step.
+    preemption = PreemptionHandler().install()
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
 
     batches, valid, meta = build_batches(data_cfg, train_cfg, pgs, seed=run_cfg.seed)
@@ -52,17 +60,29 @@ def run(cfg: DictConfig) -> dict:
     tracker = Tracker(
         section(cfg, "logger", LoggerConfig), run_dir, f"parent-{model_cfg.name}", to_plain(cfg)
     )
-    result = train(
-        model,
-        optimizer,
-        batches,
-        valid,
-        train_cfg,
-        pgs,
-        checkpoint=lambda step, extra: ckpts.save(step, model, optimizer, extra),
-        resume_state=resume,
-        log=tracker.log,
-    )
+    try:
+        result = train(
+            model,
+            optimizer,
+            batches,
+            valid,
+            train_cfg,
+            pgs,
+            checkpoint=lambda step, extra: ckpts.save(step, model, optimizer, extra),
+            resume_state=resume,
+            log=tracker.log,
+            preemption=preemption,
+        )
+    except Preempted as stop:
+        tracker.finish()
+        main_print(
+            f"{stop}: saved {ckpts.path_for(stop.step)}; exiting with code {REQUEUE_EXIT_CODE} "
+            "(requeue to resume)"
+        )
+        destroy_distributed()
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
+    finally:
+        preemption.uninstall()
     tracker.finish()
     counts = count_parameters(model, model_cfg, pgs)
     summary = {

@@ -43,3 +43,22 @@ def trained_parent(tmp_path_factory, data_overrides):
         "train.save_interval=30",
     ]
     return run_dir, train_parent.run(compose_recipe("train_parent", overrides))
+
+
+@pytest.fixture(scope="session")
+def importance_run(tmp_path_factory, trained_parent, data_overrides):
+    """The trained parent, ranked and reordered by the importance recipe: its run dir."""
+    from megatron_ext.config.compose import compose_recipe
+    from recipes import importance
+
+    parent_dir, _ = trained_parent
+    run_dir = tmp_path_factory.mktemp("importance")
+    overrides = [
+        f"parent.dir={parent_dir}",
+        f"run.dir={run_dir}",
+        *data_overrides,
+        "importance.calib_batches=4",
+        "importance.seq_length=64",
+    ]
+    importance.run(compose_recipe("importance", overrides))
+    return run_dir

@@ -14,6 +14,9 @@ from megatron_ext.config.schema import (
     TrainConfig,
 )
 from megatron_ext.elastic.config import ElasticConfig
+from megatron_ext.elastic.curriculum import CurriculumConfig
+from megatron_ext.elastic.router import RouterConfig
+from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig
 
@@ -26,6 +29,9 @@ SCHEMAS = {
     "run": RunConfig,
     "cluster": ClusterConfig,
     "elastic": ElasticConfig,
+    "curriculum": CurriculumConfig,
+    "router": RouterConfig,
+    "elastic_train": ElasticTrainConfig,
 }
 
 

@@ -181,11 +181,11 @@ class ElasticController:
         onehot, choices = entry
         key = ("stack", axis, tuple(choices), shard, str(device))
         stack = self._cache.get(key)
-        if stack is None:
+        if not isinstance(stack, Tensor):
             stack = torch.stack([self._local(axis, w, shard) for w in choices]).float()
             stack = stack.to(device) if device is not None else stack
             self._cache[key] = stack
-        return onehot.to(stack.dtype) @ stack  # type: ignore[operator]
+        return onehot.to(stack.dtype) @ stack
 
     def apply_gate(self, x: Tensor, axis: str, shard: Shard = WHOLE, unit: int = 1) -> Tensor:
         """``x`` times the soft mask of ``axis`` on its last dimension (``x`` when unset).

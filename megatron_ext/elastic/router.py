@@ -191,7 +191,8 @@ class ElasticRouter(nn.Module):
         """PyTorch's default Linear init, U(±1/√fan_in), drawn from a ``cfg.seed`` generator."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for router in self.routers.values():
-            for linear in (router.fc1, router.fc2):
+            layers: tuple[nn.Linear, nn.Linear] = (router.fc1, router.fc2)  # type: ignore[assignment]
+            for linear in layers:
                 bound = 1.0 / math.sqrt(linear.in_features)
                 for p in (linear.weight, linear.bias):
                     p.copy_((torch.rand(p.shape, generator=gen, dtype=p.dtype) * 2 - 1) * bound)
@@ -274,6 +275,14 @@ class ElasticRouter(nn.Module):
 
     def _per_layer(self, axis: str) -> bool:
         return self.cfg.mode == "heterogeneous" and axis != "embedding"
+
+    def select_homogeneous(self, budget: str | float) -> dict[str, int]:
+        """:meth:`select` when every axis has one width (homogeneous mode); else ``ValueError``."""
+        widths = self.select(budget)
+        per_layer = sorted(a for a, w in widths.items() if isinstance(w, list))
+        if per_layer:
+            raise ValueError(f"per-layer widths for {per_layer}: use router.mode=homogeneous")
+        return widths  # type: ignore[return-value]
 
     @torch.no_grad()
     def select(self, budget: str | float) -> dict[str, int | list[int]]:

@@ -54,13 +54,22 @@ class SliceResult:
 
 
 def requested_widths(
-    elastic: ElasticConfig, model: HybridModelConfig, budget: str, explicit: dict[str, int]
+    elastic: ElasticConfig,
+    model: HybridModelConfig,
+    budget: str,
+    explicit: dict[str, int],
+    chosen: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Widths per budget name: every budget for ``"all"``, else one, with ``explicit`` on top."""
+    """Widths per budget name: every budget for ``"all"``, else one, with ``explicit`` on top.
+
+    ``chosen`` (the router's final choices of an elastic run) wins over the config's widths.
+    """
     names = [b.name for b in elastic.budgets] if budget == "all" else [budget]
     out = {}
     for name in names:
         widths = dict(elastic.widths_for(name, model))
+        if chosen and name in chosen:
+            widths.update(chosen[name])
         unknown = set(explicit) - set(widths)
         if unknown:
             raise ConfigError(f"widths: unknown or non-elastic axes {sorted(unknown)}")

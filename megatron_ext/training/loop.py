@@ -15,6 +15,7 @@ from megatron_ext.config.schema import TrainConfig
 from megatron_ext.models.builder import causal_mask
 from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
 from megatron_ext.training.optim import lr_at, set_lr
+from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
 
 Batch = dict[str, torch.Tensor]
@@ -86,12 +87,15 @@ def train(
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
     log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    preemption: PreemptionHandler | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to ``cfg.steps`` (or ``cfg.stop_at``), evaluating and checkpointing.
 
     ``batches`` must support ``state_dict()``/``load_state_dict()``; ``checkpoint(step, extra)``
     is called every ``cfg.save_interval`` steps and at the end with everything a bit-identical
     resume needs (step, RNG, data position, history). ``resume_state`` is such an ``extra``.
+    With ``preemption``, a signal on any rank (agreed after every step) saves a checkpoint
+    and raises :class:`Preempted` with the step count reached (unless that is the last step).
     """
     history = History()
     start = 0
@@ -144,8 +148,14 @@ def train(
         )
         if log is not None and ((step + 1) % cfg.log_interval == 0 or "val_loss" in metrics):
             log(step + 1, metrics)
-        if checkpoint is not None and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+        saved = (step + 1) % cfg.save_interval == 0 or step + 1 == end
+        if checkpoint is not None and saved:
             checkpoint(step + 1, extra(step + 1))
+        if preemption is not None and preemption.requested() and step + 1 < end:
+            if checkpoint is not None and not saved:
+                checkpoint(step + 1, extra(step + 1))
+            bar.close()
+            raise Preempted(step + 1, preemption.signum)
     bar.close()
     final_train = history.train[-1][1] if history.train else float("nan")
     val_loss = history.val[-1][1] if history.val else evaluate(model, valid_batches, pg_collection)

@@ -1,0 +1,101 @@
+"""Per-budget evaluation of an elastic model: held-out loss, cost error, sizes, a plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ext.elastic.config import ElasticConfig
+from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.cost import CostModel
+from megatron_ext.training.loop import evaluate
+
+CHOICES_FILE = "budget_choices.json"
+
+
+def evaluate_at(
+    model: torch.nn.Module,
+    controller: ElasticController,
+    widths: Mapping[str, int],
+    valid_batches: list[dict],
+    pg_collection,
+) -> float:
+    """Held-out loss of the elastic ``model`` at ``widths`` (deterministic, no gates)."""
+    controller.set_gates(None)
+    with controller.at(dict(widths)):
+        return evaluate(model, valid_batches, pg_collection)
+
+
+def budget_figures(
+    elastic: ElasticConfig,
+    choices: Mapping[str, Mapping[str, int]],
+    cost_models: Mapping[str, CostModel],
+) -> dict[str, dict[str, Any]]:
+    """Per budget: its widths, params, active params, cost and relative cost error."""
+    out = {}
+    for budget in elastic.budgets:
+        widths = dict(choices[budget.name])
+        model = cost_models[budget.kind]
+        target = budget.target * model.full()
+        cost = float(model(widths))
+        out[budget.name] = {
+            "target": budget.target,
+            "kind": budget.kind,
+            "router_choice": widths,
+            "params": int(round(float(cost_models["params"](widths)))),
+            "active_params": int(round(float(cost_models["active_params"](widths)))),
+            "cost": cost,
+            "cost_error": abs(cost - target) / target,
+        }
+    return out
+
+
+def save_choices(run_dir: str | Path, choices: Mapping[str, Mapping[str, int]]) -> Path:
+    """Write the router's final deterministic widths per budget, for ``slice``/``export``."""
+    path = Path(run_dir) / CHOICES_FILE
+    path.write_text(json.dumps({k: dict(v) for k, v in choices.items()}, indent=1) + "\n")
+    return path
+
+
+def load_choices(run_dir: str | Path) -> dict[str, dict[str, int]] | None:
+    """The widths saved by :func:`save_choices`, or ``None`` when the run has none."""
+    path = Path(run_dir) / CHOICES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plot_budgets(
+    figures: Mapping[str, Mapping[str, Any]], parent_loss: float, path: str | Path, title: str
+) -> Path:
+    """PNG: held-out loss against active parameters, one point per budget, parent as reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    names = list(figures)
+    xs = [figures[n]["active_params"] for n in names]
+    for key, style, label in (
+        ("zero_shot_val_loss", "s--", "zero-shot slice (before elastic training)"),
+        ("val_loss", "o-", "after elastic training"),
+    ):
+        ys = [figures[n].get(key) for n in names]
+        if all(y is not None for y in ys):
+            ax.plot(xs, [float(y) for y in ys], style, label=label)  # type: ignore[arg-type]
+    for name, x, y in zip(names, xs, [figures[n]["val_loss"] for n in names]):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.axhline(parent_loss, color="gray", linewidth=1, label="parent (teacher)")
+    ax.set_xlabel("active parameters")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,304 @@
+"""``star-elastic train-elastic``: router + KD from the frozen parent over the curriculum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_ext.checkpoint import CheckpointError, CheckpointManager
+from megatron_ext.config.compose import compose_recipe, section, to_plain
+from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
+from megatron_ext.elastic.budget_eval import (
+    budget_figures,
+    evaluate_at,
+    plot_budgets,
+    save_choices,
+)
+from megatron_ext.elastic.config import ElasticConfig
+from megatron_ext.elastic.controller import ElasticController, StripeLayout
+from megatron_ext.elastic.convert import convert_to_elastic
+from megatron_ext.elastic.cost import CostModel, CostSpec
+from megatron_ext.elastic.curriculum import CurriculumConfig
+from megatron_ext.elastic.router import ElasticRouter, RouterConfig, layer_counts
+from megatron_ext.elastic.train_config import ElasticTrainConfig
+from megatron_ext.elastic.trainer import ElasticTrainer, StagePlan
+from megatron_ext.models.builder import build_model
+from megatron_ext.models.config import ConfigError, load_model_config, save_model_config
+from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed
+from megatron_ext.report import format_table, write_summary
+from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
+from megatron_ext.tracking import Tracker
+from megatron_ext.training.data import build_batches
+from megatron_ext.training.loop import evaluate
+from megatron_ext.training.optim import build_optimizer
+from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
+
+LAYOUT_DIR = "checkpoints"
+
+
+def _ensure_importance(cfg: DictConfig, source: Path) -> None:
+    """Run the importance recipe on ``parent.dir`` when ``source.dir`` has no checkpoint yet."""
+    if (source / "model_config.json").exists() or not cfg.parent.dir:
+        return
+    from recipes import importance
+
+    icfg = compose_recipe("importance", [f"parent.dir={cfg.parent.dir}", f"run.dir={source}"])
+    icfg.data, icfg.parallel, icfg.run.seed = cfg.data, cfg.parallel, cfg.run.seed
+    main_print(f"no importance-ordered checkpoint in {source}: ranking {cfg.parent.dir} first")
+    importance.run(icfg)
+
+
+def _load(model_cfg, parallel, pgs, source: Path, backend: str) -> torch.nn.Module:
+    ckpts = CheckpointManager(source / LAYOUT_DIR, pgs)
+    latest = ckpts.latest_valid()
+    if latest is None:
+        raise CheckpointError(f"source.dir: no valid checkpoint under {source / LAYOUT_DIR}")
+    model = build_model(model_cfg, parallel, pgs, backend=backend, initialize=False)
+    ckpts.load(latest, model, weights_only=True)
+    return model
+
+
+def _stages(curriculum, data_cfg, train: ElasticTrainConfig, pgs, seed, num_budgets):
+    dp = torch.distributed.get_world_size(pgs.dp)
+    plans, start = [], 0
+    for i, stage in enumerate(curriculum.resolve(train.micro_batch_size * dp, num_budgets)):
+        mbs = stage.micro_batch_size or train.micro_batch_size
+        tc = TrainConfig(
+            steps=stage.steps,
+            micro_batch_size=mbs,
+            seq_length=stage.seq_length,
+            eval_batches=1,
+            warmup_steps=0,
+        )
+        batches, _, _ = build_batches(data_cfg, tc, pgs, seed=seed + 101 * (i + 1))
+        plans.append(
+            StagePlan(
+                stage.name,
+                start,
+                stage.steps,
+                stage.seq_length,
+                list(stage.budget_probs),
+                stage.lr,
+                batches,
+            )
+        )
+        start += stage.steps
+    return plans
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train the elastic model; write checkpoints, per-budget figures, a plot and a table."""
+    elastic = section(cfg, "elastic", ElasticConfig)
+    parallel = section(cfg, "parallel", ParallelConfig)
+    data_cfg = section(cfg, "data", DataConfig)
+    run_cfg = section(cfg, "run", RunConfig)
+    train_cfg = section(cfg, "elastic_train", ElasticTrainConfig)
+    router_cfg = section(cfg, "router", RouterConfig)
+    curriculum = section(cfg, "curriculum", CurriculumConfig)
+    if router_cfg.mode != "homogeneous":
+        raise ConfigError(
+            "router.mode: train-elastic applies one width per axis (homogeneous); per-layer "
+            "widths are produced by the router but not applied by the elastic layers yet"
+        )
+    source = Path(str(cfg.source.dir))
+    _ensure_importance(cfg, source)
+    set_threads(int(cfg.get("threads", 0)))
+    pgs = init_distributed(parallel, seed=run_cfg.seed)
+    preemption = PreemptionHandler().install()  # before the slow set-up
+    run_dir = prepare_run_dir(cfg, run_cfg.dir)
+    model_cfg = load_model_config(source)
+    elastic.validate_for(model_cfg, parallel)
+    stripes = StripeLayout.load(source / LAYOUT_DIR)
+
+    teacher = _load(model_cfg, parallel, pgs, source, cfg.model_backend).eval()
+    teacher.requires_grad_(False)
+    student = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
+    ctrl = ElasticController(model_cfg, stripes=stripes, mode=elastic.compute)
+    convert_to_elastic(student, ctrl)
+    router = ElasticRouter(elastic, router_cfg, layer_counts(elastic, model_cfg))
+    spec = OmegaConf.to_container(cfg.cost)
+    kinds = {b.kind for b in elastic.budgets} | {"params", "active_params"}
+    costs = {k: CostModel(model_cfg, CostSpec(kind=k, **spec)) for k in kinds}  # type: ignore[arg-type]
+
+    stages = _stages(curriculum, data_cfg, train_cfg, pgs, run_cfg.seed, len(elastic.budgets))
+    eval_tc = TrainConfig(
+        steps=1,
+        warmup_steps=0,
+        micro_batch_size=train_cfg.micro_batch_size,
+        seq_length=train_cfg.eval_seq_length,
+        eval_batches=train_cfg.eval_batches,
+    )
+    valid = build_batches(data_cfg, eval_tc, pgs, seed=run_cfg.seed)[1]
+    opt_cfg = TrainConfig(
+        steps=2,
+        warmup_steps=0,
+        lr=stages[0].lr,
+        min_lr=0.0,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+    )
+    model_opt = build_optimizer(student, opt_cfg)
+    router_opt = torch.optim.Adam(router.parameters(), lr=router_cfg.lr)
+    trainer = ElasticTrainer(
+        student,
+        teacher,
+        router,
+        ctrl,
+        elastic,
+        stages,
+        costs,
+        train_cfg,
+        pgs,
+        model_optimizer=model_opt,
+        router_optimizer=router_opt,
+        seed=curriculum.seed,
+    )
+    ckpts = CheckpointManager(run_dir / LAYOUT_DIR, pgs)
+    start = 0
+    latest = ckpts.latest_valid() if run_cfg.resume else None
+    if latest is not None:
+        state = ckpts.load(latest, student, model_opt)
+        if "step" in state:
+            start = trainer.load_state(state)
+            main_print(f"resumed from {latest} at step {start}")
+
+    def evaluate_budgets(step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        choices = {b.name: router.select_homogeneous(b.name) for b in elastic.budgets}
+        for name, fig in budget_figures(elastic, choices, costs).items():
+            out[f"val/{name}"] = evaluate_at(student, ctrl, choices[name], valid, pgs)
+            out[f"cost_error/{name}"] = fig["cost_error"]
+            out.update({f"router/{name}/{a}": w for a, w in choices[name].items()})
+        return out
+
+    tracker = Tracker(
+        section(cfg, "logger", LoggerConfig), run_dir, f"elastic-{model_cfg.name}", to_plain(cfg)
+    )
+    try:
+        history = trainer.train(
+            start,
+            evaluate=evaluate_budgets,
+            checkpoint=lambda step, extra: ckpts.save(step, student, model_opt, extra),
+            log=tracker.log,
+            preemption=preemption,
+        )
+    except Preempted as stop:
+        tracker.finish()
+        main_print(f"{stop}: saved {ckpts.path_for(stop.step)}; exiting for requeue")
+        destroy_distributed()
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
+    finally:
+        preemption.uninstall()
+    summary = _report(
+        cfg,
+        elastic,
+        model_cfg,
+        parallel,
+        pgs,
+        source,
+        student,
+        ctrl,
+        router,
+        costs,
+        valid,
+        trainer,
+        history,
+        run_dir,
+        stripes,
+    )
+    tracker.log(
+        len(history.train),
+        {f"final/{k}/val_loss": v["val_loss"] for k, v in summary["budgets"].items()},
+    )
+    tracker.finish()
+    destroy_distributed()
+    return summary
+
+
+def _report(
+    cfg,
+    elastic,
+    model_cfg,
+    parallel,
+    pgs,
+    source,
+    student,
+    ctrl,
+    router,
+    costs,
+    valid,
+    trainer,
+    history,
+    run_dir: Path,
+    stripes: StripeLayout,
+) -> dict:
+    """Final per-budget figures (after elastic training and zero-shot), files and a table."""
+    choices = {b.name: router.select_homogeneous(b.name) for b in elastic.budgets}
+    figures = budget_figures(elastic, choices, costs)
+    zero_shot = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
+    zs_ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
+    convert_to_elastic(zero_shot, zs_ctrl)
+    for name, fig in figures.items():
+        fig["val_loss"] = evaluate_at(student, ctrl, choices[name], valid, pgs)
+        fig["zero_shot_val_loss"] = evaluate_at(zero_shot, zs_ctrl, choices[name], valid, pgs)
+    parent_loss = evaluate(trainer.teacher, valid, pgs)
+    summary = {
+        "model": model_cfg.name,
+        "source": str(source),
+        "steps": len(history.train),
+        "tokens": history.tokens,
+        "tokens_per_s": history.tokens / history.train_seconds if history.train_seconds else 0.0,
+        "stages": [
+            {
+                "name": s.name,
+                "steps": s.steps,
+                "seq_length": s.seq_length,
+                "budget_probs": s.probs,
+                "lr": s.lr,
+            }
+            for s in trainer.stages
+        ],
+        "parent_val_loss": parent_loss,
+        "budgets": figures,
+        "val_curve": history.val,
+        "parallel": {"nproc": parallel.nproc, "tp": parallel.tp, "ep": parallel.ep},
+    }
+    if is_main():
+        save_model_config(model_cfg, run_dir)
+        save_choices(run_dir, choices)
+        stripes.save(run_dir / LAYOUT_DIR)
+        write_summary(run_dir, summary)
+        plot_budgets(figures, parent_loss, run_dir / "budgets.png", f"elastic {model_cfg.name}")
+    rows = [
+        [
+            n,
+            f["target"],
+            f["params"],
+            f["active_params"],
+            f["zero_shot_val_loss"],
+            f["val_loss"],
+            f["cost_error"],
+            " ".join(f"{a}={w}" for a, w in f["router_choice"].items()),
+        ]
+        for n, f in figures.items()
+    ]
+    main_print(f"elastic {model_cfg.name}: {run_dir} (parent held-out loss {parent_loss:.4f})")
+    main_print(
+        format_table(
+            [
+                "budget",
+                "target",
+                "params",
+                "active",
+                "zero-shot loss",
+                "elastic loss",
+                "cost err",
+                "router choice",
+            ],
+            rows,
+        )
+    )
+    return summary
