@@ -29,6 +29,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "recipes.slice",
         "write a standalone smaller checkpoint per budget, zero-shot",
     ),
+    "export": (
+        "export",
+        "recipes.export",
+        "export a budget's slice as megatron, Hugging Face or NeMo",
+    ),
     "model-info": (
         "model_info",
         "recipes.model_info",
