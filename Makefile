@@ -1,5 +1,6 @@
 # make demo   — the embedded default on CPU: tiny hybrid parent on the stdlib corpus, then
-#               importance ranking + reorder, then zero-shot slices of every budget
+#               importance ranking + reorder, elastic training (router + KD, 2 stages), then
+#               a standalone slice of every budget
 # make test   — the test suite (unit, 2-rank gloo, resume)
 # make lint   — ruff (lint + format check) and mypy
 # make test-nemo — the NeMo export tests in their own venv (.venv-nemo: nemo-toolkit 2.7.3
@@ -42,7 +43,8 @@ test-nemo: $(NEMO_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/star-elastic train-parent run.dir=$(RUN_DIR)/parent
 	$(VENV)/bin/star-elastic importance parent.dir=$(RUN_DIR)/parent run.dir=$(RUN_DIR)/importance
-	$(VENV)/bin/star-elastic slice source.dir=$(RUN_DIR)/importance run.dir=$(RUN_DIR)/slices
+	$(VENV)/bin/star-elastic train-elastic source.dir=$(RUN_DIR)/importance run.dir=$(RUN_DIR)/elastic
+	$(VENV)/bin/star-elastic slice source.dir=$(RUN_DIR)/elastic run.dir=$(RUN_DIR)/slices
 
 bench: $(STAMP)
 	$(PY) bench/slice_quality.py $(RUN_DIR)/parent
