@@ -48,6 +48,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/slice_quality.py $(RUN_DIR)/parent
+	$(PY) bench/separate_vs_elastic.py $(RUN_DIR)/elastic
 
 # tests/slurm start a real one-node Slurm; install it when missing and apt is there (as root).
 slurm-deps:
