@@ -192,23 +192,7 @@ def run(cfg: DictConfig) -> dict:
         raise SystemExit(REQUEUE_EXIT_CODE) from None
     finally:
         preemption.uninstall()
-    summary = _report(
-        cfg,
-        elastic,
-        model_cfg,
-        parallel,
-        pgs,
-        source,
-        student,
-        ctrl,
-        router,
-        costs,
-        valid,
-        trainer,
-        history,
-        run_dir,
-        stripes,
-    )
+    summary = _report(cfg, trainer, model_cfg, parallel, source, valid, run_dir, stripes)
     tracker.log(
         len(history.train),
         {f"final/{k}/val_loss": v["val_loss"] for k, v in summary["budgets"].items()},
@@ -219,23 +203,18 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _report(
-    cfg,
-    elastic,
+    cfg: DictConfig,
+    trainer: ElasticTrainer,
     model_cfg,
-    parallel,
-    pgs,
-    source,
-    student,
-    ctrl,
-    router,
-    costs,
-    valid,
-    trainer,
-    history,
+    parallel: ParallelConfig,
+    source: Path,
+    valid: list,
     run_dir: Path,
     stripes: StripeLayout,
 ) -> dict:
     """Final per-budget figures (after elastic training and zero-shot), files and a table."""
+    elastic, router, costs, pgs = trainer.elastic, trainer.router, trainer.cost_models, trainer.pgs
+    student, ctrl, history = trainer.student, trainer.ctrl, trainer.history
     choices = {b.name: router.select_homogeneous(b.name) for b in elastic.budgets}
     figures = budget_figures(elastic, choices, costs)
     zero_shot = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
