@@ -38,7 +38,7 @@ $(NEMO_STAMP): pyproject.toml
 	@touch $(NEMO_STAMP)
 
 test-nemo: $(NEMO_STAMP)
-	$(NEMO_PY) -m pytest -q -p no:cacheprovider tests/export/test_nemo_export.py
+	$(NEMO_PY) -m pytest -q -p no:cacheprovider -rs tests/export/test_nemo_export.py
 
 demo: $(STAMP)
 	$(VENV)/bin/star-elastic train-parent run.dir=$(RUN_DIR)/parent
@@ -55,7 +55,7 @@ slurm-deps:
 	@command -v slurmctld >/dev/null || (command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) || true
 
 test: $(STAMP) slurm-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -rs -m 'not nemo' tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -83,17 +82,12 @@ class ParallelConfig:
                 raise ConfigError(f"{field}: {value} is not divisible by the parallel size {size}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed(cfg: ParallelConfig, seed: int = 0):
     """Initialise ``torch.distributed`` and megatron-core's model-parallel groups.
 
     Works under torchrun/srun (reads ``RANK``/``WORLD_SIZE``) and as a single plain process
-    (a world of one on a free local port). Also seeds the RNGs with ``seed`` (see
+    (a world of one on an in-process store, so concurrent single-rank jobs on one node never
+    race for a port). Also seeds the RNGs with ``seed`` (see
     :func:`set_seed`), since megatron-core cannot build a layer before its RNG tracker has its
     named states. Returns megatron's ``ProcessGroupCollection``.
     """
@@ -106,8 +100,9 @@ def init_distributed(cfg: ParallelConfig, seed: int = 0):
             raise ConfigError(
                 f"parallel.nproc: config says {cfg.nproc} ranks but WORLD_SIZE is {world}"
             )
+        store = None
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            store = dist.HashStore()
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
         backend = cfg.backend
@@ -119,6 +114,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 0):
             backend=backend,
             world_size=world,
             rank=int(os.environ["RANK"]),
+            store=store,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
         )
     parallel_state.destroy_model_parallel()
