@@ -21,6 +21,7 @@ from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.cost import CostModel, CostSpec
 from megatron_ext.elastic.curriculum import CurriculumConfig
+from megatron_ext.elastic.feasible import budget_feasible_sets
 from megatron_ext.elastic.router import ElasticRouter, RouterConfig, layer_counts
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.elastic.trainer import ElasticTrainer, StagePlan
@@ -155,6 +156,9 @@ def run(cfg: DictConfig) -> dict:
         model_optimizer=model_opt,
         router_optimizer=router_opt,
         seed=curriculum.seed,
+        feasible=budget_feasible_sets(elastic, costs, router_cfg.budget_tolerance)
+        if router_cfg.budget_tolerance > 0
+        else None,
     )
     ckpts = CheckpointManager(run_dir / LAYOUT_DIR, pgs)
     start = 0
@@ -167,7 +171,7 @@ def run(cfg: DictConfig) -> dict:
 
     def evaluate_budgets(step: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        choices = {b.name: router.select_homogeneous(b.name) for b in elastic.budgets}
+        choices = trainer.choices()
         for name, fig in budget_figures(elastic, choices, costs).items():
             out[f"val/{name}"] = evaluate_at(student, ctrl, choices[name], valid, pgs)
             out[f"cost_error/{name}"] = fig["cost_error"]
@@ -215,7 +219,7 @@ def _report(
     """Final per-budget figures (after elastic training and zero-shot), files and a table."""
     elastic, router, costs, pgs = trainer.elastic, trainer.router, trainer.cost_models, trainer.pgs
     student, ctrl, history = trainer.student, trainer.ctrl, trainer.history
-    choices = {b.name: router.select_homogeneous(b.name) for b in elastic.budgets}
+    choices = trainer.choices()
     figures = budget_figures(elastic, choices, costs)
     zero_shot = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
     zs_ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
@@ -228,6 +232,7 @@ def _report(
         "model": model_cfg.name,
         "source": str(source),
         "steps": len(history.train),
+        "budget_tolerance": router.cfg.budget_tolerance,
         "tokens": history.tokens,
         "tokens_per_s": history.tokens / history.train_seconds if history.train_seconds else 0.0,
         "stages": [

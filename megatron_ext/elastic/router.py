@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from megatron_ext.elastic.config import AXIS_SOURCE, ElasticConfig
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
+
+if TYPE_CHECKING:  # feasible -> cost -> the config registry, which imports this module
+    from megatron_ext.elastic.feasible import FeasibleSet
 
 INPUTS: tuple[str, ...] = ("onehot", "continuous", "both")
 """Router input: one-hot over the budgets, the budget's target fraction, or both concatenated."""
@@ -33,7 +37,12 @@ MODES: tuple[str, ...] = ("homogeneous", "heterogeneous")
 @dataclass
 class RouterConfig:
     """Router shape, input, mode, schedules (τ decays exponentially, logit scale ramps linearly
-    over ``anneal_steps``, then both stay constant), optimiser lr and init seed."""
+    over ``anneal_steps``, then both stay constant), optimiser lr and init seed.
+
+    ``budget_tolerance`` > 0 restricts every hard choice to the width combinations whose cost
+    is within that relative distance of the budget's target (see
+    :mod:`megatron_ext.elastic.feasible`); 0 is the paper's plain per-axis argmax.
+    """
 
     hidden: int = 256
     input: str = "onehot"
@@ -46,6 +55,7 @@ class RouterConfig:
     leaky_slope: float = 0.1
     lr: float = 1e-2
     seed: int = 0
+    budget_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -78,6 +88,17 @@ class RouterConfig:
         )
         self.leaky_slope = float(self.leaky_slope)
         require(is_int(self.seed) and self.seed >= 0, "router.seed", "must be an int >= 0")
+        require(
+            is_num(self.budget_tolerance) and 0 <= self.budget_tolerance < 1,
+            "router.budget_tolerance",
+            f"{self.budget_tolerance!r} must be in [0, 1) (0 = plain per-axis argmax)",
+        )
+        self.budget_tolerance = float(self.budget_tolerance)
+        require(
+            self.budget_tolerance == 0 or self.mode == "homogeneous",
+            "router.budget_tolerance",
+            "budget-feasible choices need router.mode=homogeneous (one width per axis)",
+        )
 
 
 class AxisRouter(nn.Module):
@@ -243,25 +264,45 @@ class ElasticRouter(nn.Module):
         return {axis: router(x) for axis, router in self.routers.items()}
 
     def forward(
-        self, budget: str | float, step: int, *, generator: torch.Generator
+        self,
+        budget: str | float,
+        step: int,
+        *,
+        generator: torch.Generator,
+        feasible: FeasibleSet | None = None,
     ) -> RouterOutput:
         """Hard straight-through Gumbel-softmax choice per axis; noise only from ``generator``.
 
         Noise is drawn axis by axis in config order, so equal generators give equal choices.
+        With ``feasible`` (homogeneous mode) the hard choice is the feasible combination with
+        the highest sum of noised, scaled logits instead of each axis's own argmax.
         """
         tau, scale = self.tau(step), self.scale(step)
         out = RouterOutput(tau=tau, scale=scale)
+        scores = {}
         for axis, logits in self.logits(budget).items():
             u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
             gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-12)))
-            y = (logits * scale + gumbel.to(logits)) / tau
+            scores[axis] = (logits * scale + gumbel.to(logits)) / tau
+        picked = self._feasible_pick(scores, feasible)
+        for axis, y in scores.items():
             probs = torch.softmax(y, dim=-1)
-            index = y.argmax(dim=-1)
-            hard = nn.functional.one_hot(index, logits.shape[-1]).to(probs)
+            index = y.argmax(dim=-1) if picked is None else torch.tensor([picked[axis]])
+            hard = nn.functional.one_hot(index, y.shape[-1]).to(probs)
             onehot = hard + (probs - probs.detach())  # exactly `hard` forward, ST gradient
             choices = torch.tensor(self.choices[axis], dtype=probs.dtype, device=probs.device)
-            out.axes[axis] = self._pack(axis, probs, onehot, index, choices)
+            out.axes[axis] = self._pack(axis, probs, onehot, index.to(probs.device), choices)
         return out
+
+    def _feasible_pick(
+        self, scores: dict[str, Tensor], feasible: FeasibleSet | None
+    ) -> dict[str, int] | None:
+        """Per-axis choice indices of the best feasible combination, or ``None`` without one."""
+        if feasible is None:
+            return None
+        if self.cfg.mode != "homogeneous":
+            raise ValueError("budget-feasible choices need router.mode=homogeneous")
+        return feasible.best({axis: y[0] for axis, y in scores.items()})
 
     def _pack(self, axis: str, probs, onehot, index, choices) -> AxisChoice:
         """Squeeze the layer dimension away for homogeneous axes."""
@@ -276,19 +317,30 @@ class ElasticRouter(nn.Module):
     def _per_layer(self, axis: str) -> bool:
         return self.cfg.mode == "heterogeneous" and axis != "embedding"
 
-    def select_homogeneous(self, budget: str | float) -> dict[str, int]:
+    def select_homogeneous(
+        self, budget: str | float, feasible: FeasibleSet | None = None
+    ) -> dict[str, int]:
         """:meth:`select` when every axis has one width (homogeneous mode); else ``ValueError``."""
-        widths = self.select(budget)
+        widths = self.select(budget, feasible)
         per_layer = sorted(a for a, w in widths.items() if isinstance(w, list))
         if per_layer:
             raise ValueError(f"per-layer widths for {per_layer}: use router.mode=homogeneous")
         return widths  # type: ignore[return-value]
 
     @torch.no_grad()
-    def select(self, budget: str | float) -> dict[str, int | list[int]]:
-        """Deterministic widths for evaluation and slicing: argmax of the logits, no noise."""
+    def select(
+        self, budget: str | float, feasible: FeasibleSet | None = None
+    ) -> dict[str, int | list[int]]:
+        """Deterministic widths for evaluation and slicing: argmax of the logits, no noise.
+
+        With ``feasible``: the feasible combination of highest summed logits (homogeneous).
+        """
+        all_logits = self.logits(budget)
+        picked = self._feasible_pick(all_logits, feasible)
+        if picked is not None:
+            return {axis: self.choices[axis][i] for axis, i in picked.items()}
         widths: dict[str, int | list[int]] = {}
-        for axis, logits in self.logits(budget).items():
+        for axis, logits in all_logits.items():
             chosen = [self.choices[axis][i] for i in logits.argmax(dim=-1).tolist()]
             widths[axis] = chosen if self._per_layer(axis) else chosen[0]
         return widths

@@ -28,6 +28,7 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
 from megatron_ext.elastic.curriculum import sample_budget, step_generator
+from megatron_ext.elastic.feasible import FeasibleSet
 from megatron_ext.elastic.router import ElasticRouter
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.models.builder import causal_mask
@@ -88,8 +89,13 @@ class ElasticTrainer:
         model_optimizer: torch.optim.Optimizer,
         router_optimizer: torch.optim.Optimizer,
         seed: int,
+        feasible: dict[str, FeasibleSet] | None = None,
     ) -> None:
-        """``seed`` drives budget sampling and router noise (the curriculum's seed)."""
+        """``seed`` drives budget sampling and router noise (the curriculum's seed).
+
+        ``feasible`` (budget name → :class:`FeasibleSet`) restricts the router's hard choices
+        to configurations within ``router.budget_tolerance`` of each target.
+        """
         if teacher.training or any(p.requires_grad for p in teacher.parameters()):
             raise ValueError("the KD teacher must be frozen: eval mode and requires_grad=False")
         self.student, self.teacher, self.router = student, teacher, router
@@ -97,6 +103,7 @@ class ElasticTrainer:
         self.cost_models, self.cfg, self.pgs = cost_models, cfg, pg_collection
         self.model_opt, self.router_opt = model_optimizer, router_optimizer
         self.seed = seed
+        self.feasible = dict(feasible or {})
         self.history = ElasticHistory()
 
     @property
@@ -116,6 +123,13 @@ class ElasticTrainer:
         stage = self.stage_of(step)
         return sample_budget(self.stages[stage].probs, self.seed, stage, step)
 
+    def choices(self) -> dict[str, dict[str, int]]:
+        """The router's deterministic widths per budget (feasible-restricted when configured)."""
+        return {
+            b.name: self.router.select_homogeneous(b.name, self.feasible.get(b.name))
+            for b in self.elastic.budgets
+        }
+
     def cost_terms(self, budget_index: int, expected: dict[str, torch.Tensor]):
         """(cost, target cost, relative error) of a choice, differentiable in the widths."""
         budget = self.elastic.budgets[budget_index]
@@ -134,7 +148,9 @@ class ElasticTrainer:
         budget = self.elastic.budgets[budget_index]
         batch = next(stage.batches)
         noise = step_generator(self.seed, stage_index, step)  # the same on every rank
-        out = self.router(budget.name, step, generator=noise)
+        out = self.router(
+            budget.name, step, generator=noise, feasible=self.feasible.get(budget.name)
+        )
         self.ctrl.set_widths(out.widths())
         self.ctrl.set_gates({a: (out[a].onehot, self.router.choices[a]) for a in out.axes})
         warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0

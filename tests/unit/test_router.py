@@ -171,6 +171,8 @@ def test_bad_budgets_raise_clear_errors(elastic):
         (dict(leaky_slope=-0.1), "leaky_slope"),
         (dict(lr=0), "lr"),
         (dict(seed=-1), "seed"),
+        (dict(budget_tolerance=1.0), "budget_tolerance"),
+        (dict(budget_tolerance=0.02, mode="heterogeneous"), "budget_tolerance"),
     ],
 )
 def test_invalid_router_config_names_the_field(kw, field):
@@ -220,3 +222,71 @@ def test_router_learns_widths_that_hit_each_budget_target(elastic):
         assert abs(cost - b.target) <= 0.05 * b.target, (b.name, cost, selected)
         # annealed: the noisy training choice has committed to the noise-free one
         assert r(b.name, 300, generator=gen(1)).widths() == selected
+
+
+def tiny_costs():
+    from megatron_ext.elastic.cost import CostModel, CostSpec
+
+    return {"params": CostModel(MODEL, CostSpec(kind="params"))}
+
+
+def test_feasible_set_holds_exactly_the_combinations_within_tolerance(elastic):
+    """Brute force over the whole grid agrees with the set, both ways."""
+    import itertools
+
+    from megatron_ext.elastic.feasible import feasible_set
+
+    model = tiny_costs()["params"]
+    fs = feasible_set(elastic.axes, model, 0.7, 0.02)
+    inside = {tuple(row) for row in fs.index.tolist()}
+    axes = list(elastic.axes)
+    for combo in itertools.product(*(range(len(elastic.axes[a])) for a in axes)):
+        widths = {a: elastic.axes[a][i] for a, i in zip(axes, combo)}
+        err = abs(float(model(widths)) - 0.7 * model.full()) / (0.7 * model.full())
+        assert (combo in inside) == (err <= 0.02), (widths, err)
+    assert len(fs) > 0 and float(fs.rel_error.max()) <= 0.02
+
+
+def test_unreachable_target_names_the_budget_and_the_nearest_error(elastic):
+    from megatron_ext.elastic.feasible import budget_feasible_sets
+
+    bad = ElasticConfig(axes=elastic.axes, budgets=[{"name": "XS", "target": 0.05}])
+    with pytest.raises(ConfigError, match=r"elastic\.budgets\[0\].*nearest is"):
+        budget_feasible_sets(bad, tiny_costs(), 0.02)
+
+
+def test_feasible_choices_stay_within_tolerance_in_training_and_selection(elastic):
+    """An untrained router (its plain argmax is far off target) still chooses on target."""
+    from megatron_ext.elastic.feasible import budget_feasible_sets
+
+    costs = tiny_costs()
+    sets = budget_feasible_sets(elastic, costs, 0.02)
+    r = router(elastic, budget_tolerance=0.02)
+    model = costs["params"]
+    misses = 0
+    for b in elastic.budgets:
+        target = b.target * model.full()
+        misses += abs(float(model(r.select_homogeneous(b.name))) - target) / target > 0.02
+        for step in (0, 50, 500):
+            out = r(b.name, step, generator=gen(step), feasible=sets[b.name])
+            assert abs(float(model(out.widths())) - target) / target <= 0.02
+            # the straight-through widths are the hard ones forward, with a router gradient
+            assert float(model(out.expected_widths())) == pytest.approx(float(model(out.widths())))
+        assert abs(float(model(r.select_homogeneous(b.name, sets[b.name]))) - target) <= (
+            0.02 * target
+        )
+    assert misses > 0  # the constraint did something: unconstrained, some budget is off
+
+
+def test_feasible_pick_is_the_best_scoring_combination(elastic):
+    """Among feasible rows, the chosen one has the largest summed logits (brute force)."""
+    from megatron_ext.elastic.feasible import budget_feasible_sets
+
+    sets = budget_feasible_sets(elastic, tiny_costs(), 0.02)
+    r = router(elastic, budget_tolerance=0.02)
+    logits = {a: lg[0] for a, lg in r.logits("S").items()}
+    fs = sets["S"]
+    totals = [sum(float(logits[a][int(row[i])]) for i, a in enumerate(fs.axes)) for row in fs.index]
+    best = fs.index[max(range(len(totals)), key=totals.__getitem__)]
+    expected = {a: elastic.axes[a][int(best[i])] for i, a in enumerate(fs.axes)}
+    assert r.select_homogeneous("S", fs) == expected

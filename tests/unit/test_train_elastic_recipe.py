@@ -46,6 +46,9 @@ def test_elastic_run_reports_every_budget_with_router_choice_and_cost_error(elas
             "moe_experts",
             "moe_ffn",
         }
+        # conf/router/default.yaml: every choice is within router.budget_tolerance=0.015
+        assert figures["cost_error"] <= 0.015
+    assert summary["budget_tolerance"] == 0.015
     assert summary["steps"] == 8
     assert [s["steps"] for s in summary["stages"]] == [4, 4]
     assert (run_dir / "budgets.png").stat().st_size > 1000
