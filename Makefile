@@ -1,6 +1,6 @@
 # make demo   — the embedded default on CPU: tiny hybrid parent on the stdlib corpus, then
 #               importance ranking + reorder, elastic training (router + KD, 2 stages), then
-#               a standalone slice of every budget
+#               a standalone slice of every budget, then NVFP4 PTQ + QAD of the elastic model
 # make test   — the test suite (unit, 2-rank gloo, resume)
 # make lint   — ruff (lint + format check) and mypy
 # make test-nemo — the NeMo export tests in their own venv (.venv-nemo: nemo-toolkit 2.7.3
@@ -14,7 +14,7 @@ RUN_DIR ?= runs/demo
 export OMP_NUM_THREADS ?= 2
 export WANDB_MODE ?= offline
 
-.PHONY: demo test test-nemo lint bench clean slurm-deps
+.PHONY: demo test test-gpu test-nemo lint bench report clean slurm-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,16 @@ demo: $(STAMP)
 	$(VENV)/bin/star-elastic importance parent.dir=$(RUN_DIR)/parent run.dir=$(RUN_DIR)/importance
 	$(VENV)/bin/star-elastic train-elastic source.dir=$(RUN_DIR)/importance run.dir=$(RUN_DIR)/elastic
 	$(VENV)/bin/star-elastic slice source.dir=$(RUN_DIR)/elastic run.dir=$(RUN_DIR)/slices
+	$(VENV)/bin/star-elastic qad quant=nvfp4 source.dir=$(RUN_DIR)/elastic run.dir=$(RUN_DIR)/qad
+
+# make report — the report pipeline on CPU (about 20 min): the demo parent (trained first when
+#               missing) fine-tuned on generated arithmetic with <think> traces, importance,
+#               elastic training, slices, budget control S->S/S->L/L->S/L->L on the elastic
+#               checkpoint and on the slices, QAD fp8/nvfp4, then runs/report/REPORT.md + PNGs
+REPORT_DIR ?= runs/report
+
+report: $(STAMP)
+	OMP_NUM_THREADS=1 ROOT=$(REPORT_DIR) PARENT=$(RUN_DIR)/parent SE=$(VENV)/bin/star-elastic scripts/report.sh
 
 bench: $(STAMP)
 	$(PY) bench/slice_quality.py $(RUN_DIR)/parent
@@ -55,7 +65,11 @@ slurm-deps:
 	@command -v slurmctld >/dev/null || (command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) || true
 
 test: $(STAMP) slurm-deps
-	$(PY) -m pytest -q -p no:cacheprovider -rs -m 'not nemo' tests
+	$(PY) -m pytest -q -p no:cacheprovider -rs -m 'not nemo and not gpu' tests
+
+# the GPU tier (tests/gpu, marker gpu): FP8 GEMMs through torch._scaled_mm; needs CUDA
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -rs -m gpu tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,6 +34,21 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "recipes.export",
         "export a budget's slice as megatron, Hugging Face or NeMo",
     ),
+    "generate": (
+        "generate",
+        "recipes.generate",
+        "decode with KV/SSM caches; think at one budget, answer at another",
+    ),
+    "qad": (
+        "qad",
+        "recipes.qad",
+        "quantize an elastic checkpoint (FP8 / NVFP4): PTQ, then QAD from the frozen model",
+    ),
+    "report": (
+        "report",
+        "recipes.report",
+        "one Markdown report with plots from the pipeline's run directories",
+    ),
     "model-info": (
         "model_info",
         "recipes.model_info",

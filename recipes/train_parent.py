@@ -16,6 +16,7 @@ from megatron_ext.report import key_value_table, plot_loss_curves, write_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
+from megatron_ext.training.init_from import load_initial_weights
 from megatron_ext.training.loop import train
 from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
@@ -56,6 +57,10 @@ def run(cfg: DictConfig) -> dict:
         if resume is not None and "step" not in resume:
             resume = None  # weights resharded from another layout: start the schedule over
         main_print(f"resumed from {latest}")
+    init_checkpoint = None
+    if latest is None and train_cfg.init_from:  # never over a checkpoint of this run
+        init_checkpoint = load_initial_weights(model, train_cfg.init_from, model_cfg, pgs)
+        main_print(f"fine-tuning from {init_checkpoint}")
 
     tracker = Tracker(
         section(cfg, "logger", LoggerConfig), run_dir, f"parent-{model_cfg.name}", to_plain(cfg)
@@ -104,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
             for k in ("train_tokens", "valid_tokens", "train_documents", "valid_documents")
         },
         "checkpoint": str(ckpts.latest_valid()),
+        "init_from": str(init_checkpoint) if init_checkpoint else train_cfg.init_from or None,
         "backends": backend_report(),
         **counts.as_dict(),
     }

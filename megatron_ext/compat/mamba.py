@@ -9,6 +9,11 @@ so the stock class (with upstream's parameter names and ``sharded_state_dict``) 
 ``use_mamba_mem_eff_path=False``. The causal conv falls back to the mixer's own
 ``nn.Conv1d`` path when ``causal_conv1d_fn`` is ``None``.
 
+One-token decoding (``MambaMixer._ssm_decode``, reached with a static inference context) needs
+no shim of its own: the SSM step calls the ``selective_state_update`` global pointed at the
+torch kernel here, and with ``causal_conv1d_update`` unset the conv step takes upstream's own
+torch path (roll the conv state, one dot product per channel).
+
 Upstream site: ``megatron/core/ssm/mamba_block.py`` builds ``MambaStack.final_norm`` with
 ``TENorm`` unconditionally; without Transformer Engine it is pointed at
 :class:`~megatron_ext.models.norms.TorchNorm` (a torch RMSNorm that supports sequence

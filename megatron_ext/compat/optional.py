@@ -45,6 +45,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def have_fp8_gemm() -> bool:
+    """Whether FP8 GEMMs (``torch._scaled_mm``) run here: a CUDA GPU of compute capability
+    8.9 or newer (Ada, Hopper, Blackwell)."""
+    if not cuda_available() or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability() >= (8, 9)
+
+
 def default_device() -> torch.device:
     """The device the project computes on: the current CUDA device if any, else the CPU."""
     if cuda_available():

@@ -17,8 +17,11 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.curriculum import CurriculumConfig
 from megatron_ext.elastic.router import RouterConfig
 from megatron_ext.elastic.train_config import ElasticTrainConfig
+from megatron_ext.generate.config import GenerateConfig
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig
+from megatron_ext.quant.config import QADConfig, QuantConfig
+from megatron_ext.report.config import ReportConfig
 
 SCHEMAS = {
     "model": HybridModelConfig,
@@ -32,6 +35,10 @@ SCHEMAS = {
     "curriculum": CurriculumConfig,
     "router": RouterConfig,
     "elastic_train": ElasticTrainConfig,
+    "quant": QuantConfig,
+    "qad_train": QADConfig,
+    "generation": GenerateConfig,
+    "report": ReportConfig,
 }
 
 

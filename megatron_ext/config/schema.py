@@ -11,7 +11,10 @@ import re
 from dataclasses import dataclass
 from dataclasses import field as default_factory_field
 
+from megatron_ext.data.arithmetic import ArithmeticConfig
 from megatron_ext.models.config import require
+
+DATA_SOURCES = ("files", "arithmetic")
 
 
 @dataclass
@@ -31,9 +34,14 @@ class RunConfig:
 class DataConfig:
     """The corpus and its tokenized, indexed form.
 
-    ``source_dir`` empty means the running interpreter's standard-library sources.
+    ``source`` is ``files`` (the text files under ``source_dir`` matching ``glob``;
+    ``source_dir`` empty means the running interpreter's standard-library sources) or
+    ``arithmetic`` (the generated task of :mod:`megatron_ext.data.arithmetic`, configured by
+    ``arithmetic``, with a held-out test split; ``source_dir``, ``glob``, ``valid_fraction``,
+    ``max_files`` and ``max_bytes`` are unused).
     """
 
+    source: str = "files"
     source_dir: str = ""
     glob: str = "**/*.py"
     cache_dir: str = "runs/data"
@@ -43,8 +51,14 @@ class DataConfig:
     valid_fraction: float = 0.05
     max_files: int = 0
     max_bytes: int = 0
+    arithmetic: ArithmeticConfig = default_factory_field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:
+        require(
+            self.source in DATA_SOURCES,
+            "data.source",
+            f"{self.source!r} is not one of {DATA_SOURCES}",
+        )
         require(self.tokenizer in ("byte", "hf"), "data.tokenizer", "must be 'byte' or 'hf'")
         require(
             self.tokenizer != "hf" or bool(self.tokenizer_path),
@@ -78,6 +92,10 @@ class TrainConfig:
     # Stop after this step and checkpoint (0 = run to ``steps``). The schedule still spans
     # ``steps``, so a run split into jobs is the same run.
     stop_at: int = 0
+    # Fine-tuning: a train-parent run directory (or a checkpoint directory) whose newest weights
+    # start this run, with a fresh optimizer and schedule; "" = random initialisation. Ignored
+    # when the run resumes from a checkpoint of its own.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         for field in ("steps", "micro_batch_size", "seq_length", "eval_batches"):

@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_ext.config.schema import DataConfig
+from megatron_ext.data.arithmetic import FORMAT_VERSION, prepare_arithmetic
 from megatron_ext.data.prepare import default_corpus_dir, prepare_indexed_dataset
 from megatron_ext.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -26,9 +27,17 @@ def source_dir(cfg: DataConfig) -> Path:
 
 
 def dataset_prefix(cfg: DataConfig) -> Path:
-    """Where the indexed dataset of this config lives; the key covers every field that matters."""
-    key = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
-    key["source"] = str(source_dir(cfg).resolve())
+    """Where the indexed dataset of this config lives; the key covers every field that matters.
+
+    A ``files`` corpus is keyed by its folder and file settings, a generated ``arithmetic``
+    one by its generator settings (the fields the other source ignores stay out of the key).
+    """
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "source", "arithmetic")}
+    if cfg.source == "arithmetic":
+        key = {"arithmetic": asdict(cfg.arithmetic), "format": FORMAT_VERSION}
+        key |= {"name": cfg.name, "tokenizer": cfg.tokenizer, "tokenizer_path": cfg.tokenizer_path}
+    else:
+        key["source"] = str(source_dir(cfg).resolve())
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg.cache_dir) / f"{cfg.name}-{cfg.tokenizer}-{digest}" / cfg.name
 
@@ -36,12 +45,16 @@ def dataset_prefix(cfg: DataConfig) -> Path:
 def ensure_prepared(cfg: DataConfig, *, seed: int = 1234, progress: bool = True) -> dict[str, Any]:
     """Tokenize the corpus unless already done (global rank 0 writes, the others wait).
 
-    Returns the dataset's metadata (document and token counts, train/valid prefixes).
+    Returns the dataset's metadata (document and token counts, train/valid prefixes; for the
+    arithmetic source also ``test_file``, the held-out test split). ``seed`` assigns files to
+    the valid split; a generated corpus is seeded by its own ``data.arithmetic.seed``.
     """
     prefix = dataset_prefix(cfg)
     meta_path = Path(f"{prefix}_meta.json")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not meta_path.exists():
+    if rank == 0 and not meta_path.exists() and cfg.source == "arithmetic":
+        prepare_arithmetic(cfg.arithmetic, prefix, tokenizer_for(cfg))
+    elif rank == 0 and not meta_path.exists():
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prepare_indexed_dataset(
             source_dir(cfg),

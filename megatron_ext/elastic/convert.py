@@ -56,6 +56,7 @@ from megatron_ext.elastic.layers_moe import ElasticMoELayerMixin, ElasticRouterM
 from megatron_ext.elastic.layers_residual import ElasticEmbeddingMixin, ElasticRMSNormMixin
 
 _RECORD = "_elastic_record"
+_QUANT_RECORD = "_quant_record"  # megatron_ext.quant.convert's; quantization comes after
 
 Step = tuple[nn.Module, type, dict[str, Any]]
 
@@ -77,6 +78,8 @@ def convert_to_elastic(model: nn.Module, controller: ElasticController) -> nn.Mo
     """
     if _RECORD in model.__dict__:
         raise TypeError("the model is already elastic; export() it first")
+    if _QUANT_RECORD in model.__dict__:
+        raise TypeError("the model is quantized: convert to elastic first, then quantize")
     steps = list(_plan(model, controller))
     record = ElasticRecord(controller)
     for module, mixin, fields in steps:
@@ -91,6 +94,8 @@ def export(model: nn.Module) -> nn.Module:
     The weights are untouched: slicing to a budget is :func:`megatron_ext.elastic.slicing.
     slice_model`.
     """
+    if _QUANT_RECORD in model.__dict__:
+        raise TypeError("the model is quantized; megatron_ext.quant.export_quantized() it first")
     model.__dict__.pop(_RECORD, None)
     for module in model.modules():
         make_plain(module)

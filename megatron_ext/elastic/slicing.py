@@ -12,14 +12,16 @@ computes exactly what the elastic model computes at ``widths`` in masked mode:
   other; the Mamba gated norm's group size of the smaller model is its ``d_inner / ngroups``,
   the active channels of each group.
 
-Selection is ``index_select`` on whole tensors; :func:`save_slice` writes the result as a
-standalone ``torch_dist`` checkpoint with ``model_config.json`` beside it.
+Selection copies the kept runs of whole tensors once; :func:`save_slice` writes the result as
+a standalone ``torch_dist`` checkpoint with ``model_config.json`` beside it, from a model
+built on the meta device that holds the selected tensors themselves (no second copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,8 @@ def sliced_config(model: HybridModelConfig, widths: dict[str, int]) -> HybridMod
     return dataclasses.replace(model, name=f"{model.name}_slice", **changes)
 
 
-Rule = dict[str, dict[int, Tensor]]  # parameter name -> {dim: bool mask over that dim}
+Rules = dict[int, Tensor]  # {dim: bool mask over that dim} of one tensor
+Rule = dict[str, Rules]  # parameter name -> its rules
 
 
 def _linear(rows: Tensor | None, cols: Tensor | None) -> Rule:
@@ -130,7 +133,7 @@ class _Selection:
                 }
             )
 
-    def rules(self, key: str) -> dict[int, Tensor]:
+    def rules(self, key: str) -> Rules:
         """``{dim: bool mask}`` for the tensor named ``key`` (an upstream state-dict name)."""
         owner, _, name = key.rpartition(".")
         generic = re.sub(r"^decoder\.layers\.\d+\.", "", owner)
@@ -158,6 +161,45 @@ def _check_unsharded(model: nn.Module) -> None:
                 )
 
 
+def slice_rules(controller: ElasticController, widths: dict[str, int]) -> Callable[[str], Rules]:
+    """``rules(key)``: the ``{dim: bool mask}`` :func:`slice_model` applies to state-dict entry
+    ``key`` at ``widths`` (with the stripe layout of ``controller``)."""
+    probe = ElasticController(controller.model, controller.stripes, widths=widths)
+    return _Selection(probe).rules
+
+
+def slice_key_map(
+    keys: Iterable[str], widths: dict[str, int], controller: ElasticController
+) -> dict[str, str]:
+    """Where each of ``keys`` (full-model state-dict names) lands in the slice at ``widths``:
+    routed experts are renumbered in position order; dropped experts are absent."""
+    probe = ElasticController(controller.model, controller.stripes, widths=widths)
+    kept = _kept_experts(_Selection(probe))
+    out = {}
+    for key in keys:
+        renamed = _renamed(key, kept)
+        if renamed is not None:
+            out[key] = renamed
+    return out
+
+
+def _kept_experts(select: _Selection) -> dict[int, int]:
+    if select.experts is None:
+        return {}
+    kept = _index(select.experts, torch.device("cpu")).tolist()
+    return {int(j): i for i, j in enumerate(kept)}
+
+
+def _renamed(key: str, kept_experts: dict[int, int]) -> str | None:
+    match = _EXPERT.match(key)
+    if match is None:
+        return key
+    j = int(match["j"])
+    if j not in kept_experts:
+        return None
+    return f"{match['head']}{kept_experts[j]}{match['tail']}"
+
+
 @torch.no_grad()
 def slice_model(
     model: nn.Module, widths: dict[str, int], controller: ElasticController | None = None
@@ -166,34 +208,58 @@ def slice_model(
 
     ``model`` is an elastic model (its controller gives the full shape and stripe layout) or
     a plain one with ``controller``. Axes missing from ``widths`` stay full. The returned
-    tensors are new (``index_select``); ``_extra_state`` entries are carried over.
+    tensors are new and contiguous; ``_extra_state`` entries are carried over.
     """
     ctrl = controller or elastic_controller(model)
     _check_unsharded(model)
     probe = ElasticController(ctrl.model, ctrl.stripes, widths=widths)
     select = _Selection(probe)
-    kept_experts = {}
-    if select.experts is not None:
-        kept = _index(select.experts, torch.device("cpu")).tolist()
-        kept_experts = {int(j): i for i, j in enumerate(kept)}
+    kept_experts = _kept_experts(select)
     out: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
-        match = _EXPERT.match(key)
-        if match is not None:
-            j = int(match["j"])
-            if j not in kept_experts:
-                continue
-            key = f"{match['head']}{kept_experts[j]}{match['tail']}"
+    for full_key, value in model.state_dict().items():
+        key = _renamed(full_key, kept_experts)
+        if key is None:
+            continue
         if not isinstance(value, Tensor) or key.endswith("_extra_state"):
             out[key] = value
             continue
-        rules = select.rules(key)
-        for dim, mask in rules.items():
-            if value.shape[dim] != mask.numel():
-                raise ValueError(f"{key}: dim {dim} has {value.shape[dim]}, mask {mask.numel()}")
-            value = value.index_select(dim, _index(mask, value.device))
-        out[key] = value if rules else value.clone()
+        out[key] = _select(key, value, select.rules(key))
     return sliced_config(ctrl.model, probe.widths), out
+
+
+_MAX_RUNS = 64  # more contiguous runs than this: one index_select is cheaper than the pieces
+
+
+def _runs(mask: Tensor) -> list[tuple[int, int]]:
+    """``(start, length)`` of every run of consecutive ``True`` in the 1-D ``mask``."""
+    m = mask.to(device="cpu", dtype=torch.int8)
+    edge = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
+    starts = (edge == 1).nonzero().flatten().tolist()
+    ends = (edge == -1).nonzero().flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
+
+
+def _select(key: str, value: Tensor, rules: Rules) -> Tensor:
+    """``value`` restricted to the kept positions of every ruled dim, in a new tensor.
+
+    The kept positions of a budget are a few contiguous runs (prefixes per stripe or group),
+    so each dim is cut with views and the pieces are copied once; ``index_select`` (a
+    per-element gather, several times slower along a weight's columns) is the fallback.
+    """
+    out = value
+    for dim, mask in rules.items():
+        if out.shape[dim] != mask.numel():
+            raise ValueError(f"{key}: dim {dim} has {out.shape[dim]}, mask {mask.numel()}")
+        runs = _runs(mask)
+        if len(runs) == 1:
+            out = out.narrow(dim, *runs[0])
+        elif 1 < len(runs) <= _MAX_RUNS:
+            out = torch.cat([out.narrow(dim, start, n) for start, n in runs], dim)
+        else:
+            out = out.index_select(dim, _index(mask, out.device))
+    if out.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
 
 
 def build_slice(
@@ -207,6 +273,24 @@ def build_slice(
 
     model = build_model(config, parallel or ParallelConfig(), pg_collection, initialize=False)
     model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _holding(config: HybridModelConfig, state_dict: dict[str, Any], pg_collection) -> nn.Module:
+    """The model of ``config`` whose parameters *are* ``state_dict``'s tensors, for saving.
+
+    Built on the meta device (nothing allocated or initialised), then the tensors are
+    assigned, not copied; megatron's per-parameter attributes (``tensor_model_parallel``,
+    ``allreduce``, ...) move to the new parameters. Its non-persistent buffers stay on the meta
+    device: it writes a checkpoint, it does not run.
+    """
+    from megatron_ext.models.builder import build_model
+
+    model = build_model(config, ParallelConfig(), pg_collection, meta=True)
+    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for name, param in model.named_parameters():
+        vars(param).update(attrs.get(name, {}))
     return model
 
 
@@ -226,7 +310,7 @@ def save_slice(
     from megatron_ext.checkpoint import CheckpointManager
 
     config, state = slice_model(model, widths, controller)
-    small = build_slice(config, state, pg_collection=pg_collection)
+    small = _holding(config, state, pg_collection)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = CheckpointManager(directory, pg_collection, keep=1).save(

@@ -8,6 +8,10 @@ Three formats, one module each:
 * ``nemo`` (:mod:`.nemo`): the NeMo 2 layout (``context/`` + ``weights/``), written with
   nemo-toolkit's own serialization (needs the ``nemo`` extra).
 
+A quantized elastic model (:mod:`megatron_ext.quant`) is exported by
+:mod:`.quantized`: the ``hf`` layout with FP8 or NVFP4 weights and scales (ModelOpt's
+``hf_quant_config.json``), read back by :func:`megatron_ext.export.quantized.load_quantized_hf`.
+
 Every exporter first slices (:func:`megatron_ext.elastic.slicing.slice_model`, exact), so the
 exported model computes what the elastic model computes at that budget. The tokenizer goes
 with it (:mod:`.tokenizer`).

@@ -1,0 +1,15 @@
+"""Generation with KV / SSM caches, and budget control (think at one budget, answer at another).
+
+Modules: :mod:`.config` (``GenerateConfig``), :mod:`.sampling` (greedy / seeded sampling),
+:mod:`.decode` (cached decoding on megatron-core's static inference context, and its uncached
+oracle), :mod:`.budget` (the think → answer switch and its per-phase timings), :mod:`.sources`
+(the budgets of an elastic checkpoint or of standalone slices).
+
+Importing this package applies :func:`megatron_ext.compat.ensure_compat` first (as
+:mod:`megatron_ext.models` does), so megatron-core's inference modules see this machine's
+kernels.
+"""
+
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()

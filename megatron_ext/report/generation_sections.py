@@ -1,0 +1,253 @@
+"""Report sections about generation: the four budget-control pairs, slice throughput."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megatron_ext.report.config import ReportConfig
+from megatron_ext.report.inputs import Missing, budget_throughput, read_summary, timing_noise
+from megatron_ext.report.markdown import Section, md_table, not_run
+from megatron_ext.report.plots import plot_budget_control, plot_throughput
+
+CONTROL_PNG = "budget_control.png"
+THROUGHPUT_PNG = "slice_throughput.png"
+ELASTIC = "elastic (masked)"
+SLICES = "slices"
+
+
+def _sources(cfg: ReportConfig) -> dict[str, Path]:
+    return {ELASTIC: Path(cfg.generate_elastic), SLICES: Path(cfg.generate_slices)}
+
+
+def generate_command(cfg: ReportConfig, label: str) -> str:
+    """The command that makes the generate run of source ``label``."""
+    source = cfg.elastic if label == ELASTIC else cfg.slices
+    kind = "elastic" if label == ELASTIC else "slices"
+    run_dir = cfg.generate_elastic if label == ELASTIC else cfg.generate_slices
+    return (
+        f"star-elastic generate data=arithmetic generation=arithmetic source.dir={source} "
+        f"source.kind={kind} run.dir={run_dir}"
+    )
+
+
+def budget_sizes(cfg: ReportConfig) -> dict[str, int]:
+    """Active parameters per budget name: from the elastic run, else from the slice run."""
+    for directory, key in ((cfg.elastic, "active_params"), (cfg.slices, "params_active")):
+        summary = read_summary(directory)
+        if isinstance(summary, Missing):
+            continue
+        sizes = {n: int(f[key]) for n, f in (summary.get("budgets") or {}).items() if key in f}
+        if sizes:
+            return sizes
+    return {}
+
+
+def pair_order(pairs: list[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """``S->S, S->L, L->S, L->L`` with S the smallest and L the largest budget of ``pairs``.
+
+    Sizes come from ``sizes`` (active parameters); without them the first pair is taken as
+    ``small->large`` (generate lists its configured pair first). Other pairs follow as found.
+    """
+    if not pairs:
+        return []
+    names = list(dict.fromkeys(b for p in pairs for b in p.split("->")))
+    if sizes and all(n in sizes for n in names):
+        small, large = min(names, key=sizes.__getitem__), max(names, key=sizes.__getitem__)
+    else:
+        small, _, large = pairs[0].partition("->")
+    grid = [f"{a}->{b}" for a in (small, large) for b in (small, large)]
+    return [p for p in dict.fromkeys(grid) if p in pairs] + [p for p in pairs if p not in grid]
+
+
+def _pair_row(name: str, p: dict[str, Any]) -> list[Any]:
+    n = max(int(p.get("think", {}).get("generations", 0) or 0), 1)
+    correct = f"{p['correct']}/{p['total']}" if "correct" in p else None
+    return [
+        name.replace("->", " → "),
+        p.get("accuracy"),
+        correct,
+        p.get("trace_accuracy"),
+        p.get("accuracy_given_correct_trace"),
+        p.get("latency_s"),
+        (p.get("think", {}).get("new_tokens") or 0) / n,
+        p.get("think", {}).get("decode_tokens_per_s"),
+        p.get("answer", {}).get("decode_tokens_per_s"),
+        f"{p.get('think_closed', '-')}/{p.get('think_at_limit', '-')}",
+    ]
+
+
+HEADERS = [
+    "think → answer",
+    "accuracy",
+    "correct",
+    "trace exact",
+    "accuracy if trace exact",
+    "latency s/prompt",
+    "think tokens",
+    "think tok/s",
+    "answer tok/s",
+    "closed/at K",
+]
+
+
+def _verdict(
+    pairs: dict[str, dict[str, Any]], label: str, sizes: dict[str, int], noise: float | None
+) -> str:
+    """S→L against L→L: latency (against the timing noise when known) and accuracy."""
+    order = pair_order(list(pairs), sizes)
+    if len(order) < 4:
+        return ""
+    mixed, large = pairs[order[1]], pairs[order[3]]
+    lat_m, lat_l = mixed.get("latency_s"), large.get("latency_s")
+    acc_m, acc_l = mixed.get("accuracy"), large.get("accuracy")
+    if lat_m is None or lat_l is None:
+        return ""
+    faster = "faster" if lat_m < lat_l else "slower"
+    change = abs(1 - lat_m / lat_l)
+    text = f"{label}: {order[1]} is {change:.0%} {faster} than {order[3]}"
+    if noise is not None and change <= noise:
+        text += f" (within this machine's timing noise of {noise:.0%})"
+    if acc_m is not None and acc_l is not None:
+        text += f" at accuracy {acc_m:.1%} vs {acc_l:.1%}"
+    return text + "."
+
+
+def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
+    """Accuracy and latency of the four think/answer pairs, per model source."""
+    title = "Budget control: think S/L, answer S/L"
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    missing: list[Missing | str] = []
+    body: list[str] = []
+    sizes = budget_sizes(cfg)
+    masked = read_summary(cfg.generate_elastic)
+    noise = None if isinstance(masked, Missing) else timing_noise(masked)
+    for label, directory in _sources(cfg).items():
+        summary = read_summary(directory)
+        if isinstance(summary, Missing):
+            missing.append(summary)
+            continue
+        pairs = summary.get("pairs") or {}
+        tables[label] = pairs
+        order = pair_order(list(pairs), sizes)
+        body += [
+            f"### {label}",
+            "",
+            f"`{directory}`: {summary.get('prompts', '?')} prompts from "
+            f"`{summary.get('prompts_from', '?')}`, K = {summary.get('max_think_tokens', '?')} "
+            "think tokens at most; latency is the mean per prompt of both phases (prefill + "
+            "decode), batch 1. *Accuracy* is the exact match of the answer; *trace exact* the "
+            "share of think phases that wrote the reference trace exactly, and *accuracy if "
+            "trace exact* how often the answer budget then reads it right.",
+            "",
+            md_table(HEADERS, [_pair_row(name, pairs[name]) for name in order]),
+            "",
+        ]
+        if not summary.get("scored"):
+            body += ["The prompts had no reference answers: accuracy not measured.", ""]
+        verdict = _verdict(pairs, label, sizes, noise)
+        body += [verdict, ""] if verdict else []
+    if not tables:
+        return not_run(title, missing, [generate_command(cfg, s) for s in _sources(cfg)])
+    body += [
+        "Masked elastic compute runs every budget at full width (a mask zeroes the inactive "
+        "channels), so on the elastic source a small budget is not cheaper: its latencies "
+        "differ by the number of tokens generated, not by the width. Slices run at their own "
+        "width, so only the slices show what a small think budget saves.",
+    ]
+    if noise is not None:
+        body += [
+            "",
+            f"Timing noise: the masked pairs all decode the same full-width model, yet their "
+            f"decode speeds spread by {noise:.0%}; latency differences below that are noise "
+            "(other jobs shared the CPU).",
+        ]
+    if missing:
+        body += ["", "Not run: " + "; ".join(str(m) for m in missing) + "."]
+    all_pairs = pair_order(list(dict.fromkeys(p for t in tables.values() for p in t)), sizes)
+    plot_budget_control(tables, all_pairs, out_dir / CONTROL_PNG)
+    label, first = next(reversed(tables.items()))  # the slices when both ran
+    headline = f"{label}: " + ", ".join(_brief(p, first[p]) for p in pair_order(list(first), sizes))
+    figures = {
+        label: {
+            p: {k: v.get(k) for k in ("accuracy", "correct", "total", "latency_s")}
+            for p, v in t.items()
+        }
+        for label, t in tables.items()
+    }
+    return Section(title, "\n".join(body), [CONTROL_PNG], headline=headline, figures=figures)
+
+
+def _brief(name: str, pair: dict[str, Any]) -> str:
+    accuracy = pair.get("accuracy")
+    if accuracy is not None:
+        return f"{name} {accuracy:.0%} {pair.get('latency_s', 0.0):.2f}s"
+    return f"{name} {pair.get('latency_s', 0.0):.2f}s"
+
+
+def throughput_section(cfg: ReportConfig, out_dir: Path) -> Section:
+    """Decode tokens/s of each standalone slice against the full-width model."""
+    title = "Slice throughput vs full"
+    slices = read_summary(cfg.generate_slices)
+    if isinstance(slices, Missing):
+        return not_run(title, [slices], [generate_command(cfg, SLICES)])
+    sliced = budget_throughput(slices)
+    elastic_summary = read_summary(cfg.generate_elastic)
+    masked = {} if isinstance(elastic_summary, Missing) else budget_throughput(elastic_summary)
+    full_width = _mean([m["decode_tokens_per_s"] for m in masked.values()])
+    sizes = read_summary(cfg.slices)
+    params = {} if isinstance(sizes, Missing) else sizes.get("budgets") or {}
+    budgets = sorted(sliced, key=lambda b: -(params.get(b, {}).get("params_total") or 0))
+    largest = sliced[budgets[0]]["decode_tokens_per_s"] if budgets else 0.0
+    rows = []
+    for b in budgets:
+        rate = sliced[b]["decode_tokens_per_s"]
+        rows.append(
+            [
+                b,
+                params.get(b, {}).get("params_active"),
+                rate,
+                sliced[b]["prefill_tokens_per_s"],
+                masked.get(b, {}).get("decode_tokens_per_s"),
+                rate / full_width if full_width else None,
+                rate / largest if largest else None,
+            ]
+        )
+    headers = [
+        "budget",
+        "active params",
+        "slice decode tok/s",
+        "slice prefill tok/s",
+        "elastic (masked) decode tok/s",
+        "× full width",
+        f"× slice {budgets[0] if budgets else '-'}",
+    ]
+    body = [
+        f"Tokens/s of every phase run at a budget, pooled over the budget-control pairs of "
+        f"`{cfg.generate_slices}` (standalone slices) and `{cfg.generate_elastic}` (the elastic "
+        "checkpoint, masked: full width at every budget). *× full width* divides by the masked "
+        "elastic model's mean decode rate, the speed of the uncut model.",
+        "",
+        md_table(headers, rows),
+    ]
+    if not masked:
+        body += ["", f"Not run: {elastic_summary} (the full-width reference)."]
+    series: dict[str, list[float | None]] = {
+        "slice": [sliced[b]["decode_tokens_per_s"] for b in budgets]
+    }
+    if masked:
+        series[ELASTIC] = [masked.get(b, {}).get("decode_tokens_per_s") for b in budgets]
+    plot_throughput(budgets, series, out_dir / THROUGHPUT_PNG)
+    smallest = budgets[-1] if budgets else "-"
+    headline = f"{smallest}: {rows[-1][5]:.2f}x full width" if rows and rows[-1][5] else "measured"
+    return Section(
+        title,
+        "\n".join(body),
+        [THROUGHPUT_PNG],
+        headline=headline,
+        figures={"slices": sliced, "elastic_masked": masked},
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,160 @@
+"""``star-elastic qad``: PTQ and QAD of an elastic checkpoint in FP8 or NVFP4, every budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from megatron_ext.checkpoint import CheckpointManager
+from megatron_ext.compat import backend_report
+from megatron_ext.compat.optional import have_fp8_gemm
+from megatron_ext.config.compose import section
+from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
+from megatron_ext.data.cache import tokenizer_for
+from megatron_ext.elastic.budget_eval import load_choices, save_choices
+from megatron_ext.elastic.config import ElasticConfig
+from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.convert import convert_to_elastic
+from megatron_ext.elastic.slice_run import load_source, requested_widths
+from megatron_ext.export.hf import check_hf_compatible
+from megatron_ext.models.config import load_model_config, save_model_config
+from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
+from megatron_ext.quant.backends import quant_mode, resolve_backend
+from megatron_ext.quant.config import QADConfig, QuantConfig
+from megatron_ext.quant.convert import convert_to_quantized
+from megatron_ext.quant.ptq import calibrate
+from megatron_ext.quant.qad import (
+    RECOVERY,
+    budget_figures,
+    evaluate_budgets,
+    evaluate_kd,
+    train_qad,
+)
+from megatron_ext.quant.report import HEADERS, budget_rows, plot_quant_budgets
+from megatron_ext.quant.state import save_quant_state
+from megatron_ext.report import format_table, write_summary
+from megatron_ext.runtime import main_print, prepare_run_dir
+from megatron_ext.training.data import build_batches
+from megatron_ext.training.optim import build_optimizer
+
+
+def _batches(data: DataConfig, qad: QADConfig, calib: int, pgs, seed: int):
+    """(training iterator, calibration batches, held-out batches)."""
+    tc = TrainConfig(
+        steps=max(1, qad.steps),
+        warmup_steps=0,
+        micro_batch_size=qad.micro_batch_size,
+        seq_length=qad.seq_length,
+        eval_batches=1,
+    )
+    train, _, _ = build_batches(data, tc, pgs, seed=seed + 1)
+    calib_it, _, _ = build_batches(data, dataclasses.replace(tc, steps=calib), pgs, seed=seed + 2)
+    ev = dataclasses.replace(tc, seq_length=qad.eval_seq_length, eval_batches=qad.eval_batches)
+    valid = build_batches(data, ev, pgs, seed=seed)[1]
+    return train, [next(calib_it) for _ in range(calib)], valid
+
+
+def _teacher(cfg: DictConfig, qad: QADConfig, source: Path, pgs, backend: str, model_cfg, stripes):
+    """The frozen teacher and its elastic controller (``None`` for the non-elastic parent)."""
+    if qad.teacher == "parent":
+        parent = str(cfg.parent.dir) or json.loads((source / "summary.json").read_text())["source"]
+        teacher = load_source(Path(parent), pgs, backend)[0]
+        ctrl = None
+    else:
+        teacher = load_source(source, pgs, backend)[0]
+        ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
+        convert_to_elastic(teacher, ctrl)
+    return teacher.eval().requires_grad_(False), ctrl
+
+
+def run(cfg: DictConfig) -> dict:
+    """Calibrate (PTQ), distill (QAD), evaluate every budget; save, report, plot."""
+    elastic = section(cfg, "elastic", ElasticConfig)
+    run_cfg = section(cfg, "run", RunConfig)
+    data = section(cfg, "data", DataConfig)
+    quant = section(cfg, "quant", QuantConfig)
+    qad = section(cfg, "qad_train", QADConfig)
+    backend, why = resolve_backend(quant)
+    model_backend = "te" if backend == "te" else str(cfg.model_backend)
+    source = Path(str(cfg.source.dir))
+    if cfg.export:
+        check_hf_compatible(load_model_config(source))  # refuse before the long work
+    pgs = init_distributed(ParallelConfig())  # PTQ/QAD of the unsharded (TP=1) elastic model
+    run_dir = prepare_run_dir(cfg, run_cfg.dir)
+    set_seed(run_cfg.seed)
+    student, stripes, model_cfg = load_source(source, pgs, model_backend)
+    elastic.validate_for(model_cfg, ParallelConfig())
+    budgets = requested_widths(elastic, model_cfg, "all", {}, load_choices(source))
+    teacher, teacher_ctrl = _teacher(cfg, qad, source, pgs, model_backend, model_cfg, stripes)
+    ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
+    convert_to_elastic(student, ctrl)
+    record = None
+    if backend != "te":
+        record = convert_to_quantized(
+            student, quant, backend=backend, controller=ctrl, budgets=budgets
+        )
+    train, calib, valid = _batches(data, qad, quant.calib_batches, pgs, run_cfg.seed)
+
+    with quant_mode(student, "off", backend, quant.format):
+        ref = evaluate_budgets(student, ctrl, budgets, valid, pgs)
+    if record is not None:
+        full = {"full": ctrl.full_widths}
+        calibrate(student, calib, ctrl, budgets if quant.calib_budgets == "all" else full)
+    with quant_mode(student, "quant", backend, quant.format):
+        kd = {"ptq": evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)}
+        ptq = evaluate_budgets(student, ctrl, budgets, valid, pgs)
+        history, final = None, {}
+        if qad.steps:
+            opt = build_optimizer(student, TrainConfig(weight_decay=0.0), lr=qad.lr)
+            history = train_qad(student, ctrl, teacher, teacher_ctrl, budgets, train, qad, opt, pgs)
+            final = evaluate_budgets(student, ctrl, budgets, valid, pgs)
+            kd["qad"] = evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)
+
+    figures = budget_figures(budgets, ref, ptq, final, kd)
+    ckpts = CheckpointManager(run_dir / "checkpoints", pgs, keep=1)
+    path = ckpts.save(qad.steps, student, None, {"kind": "qad", "format": quant.format})
+    stripes.save(run_dir / "checkpoints")
+    save_model_config(model_cfg, run_dir)
+    save_choices(run_dir, budgets)
+    if record is not None:
+        save_quant_state(student, run_dir)
+    exports = {}
+    if cfg.export and record is not None:
+        from megatron_ext.export.quantized import export_quantized_hf
+
+        tok = tokenizer_for(data)
+        for name, widths in budgets.items():
+            result = export_quantized_hf(
+                student,
+                widths,
+                run_dir / "exports" / name,
+                budget=name,
+                controller=ctrl,
+                tokenizer=tok,
+            )
+            exports[name] = result.as_dict()
+    summary = {
+        "source": str(source),
+        "format": quant.format,
+        "backend": {"name": backend, "why": why, "fp8_gemm": have_fp8_gemm(), **backend_report()},
+        "reference_dtype": model_cfg.params_dtype,
+        "recovery": RECOVERY,
+        "quant": dataclasses.asdict(quant),
+        "qad_train": dataclasses.asdict(qad),
+        "quantized_modules": sorted(record.modules) if record else [],
+        "high_precision": dict(record.high_precision) if record else {},
+        "qad": None if history is None else history.summary(),
+        "checkpoint": str(path),
+        "exports": exports,
+        "budgets": figures,
+    }
+    write_summary(run_dir, summary)
+    title = f"{quant.format.upper()} {model_cfg.name} ({backend})"
+    plot_quant_budgets(figures, run_dir / "quant_budgets.png", title)
+    main_print(f"{title}: {run_dir} (reference dtype {model_cfg.params_dtype})")
+    main_print(format_table(HEADERS, budget_rows(figures)))
+    destroy_distributed()
+    return summary

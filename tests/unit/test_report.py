@@ -1,0 +1,194 @@
+"""``star-elastic report``: the Markdown report renders from small fake run directories with
+every section and its PNGs, and missing inputs become "not run" sections, never a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.config.compose import compose_recipe
+from megatron_ext.models.config import ConfigError
+from megatron_ext.report.config import ReportConfig
+from megatron_ext.report.generation_sections import pair_order
+from megatron_ext.report.inputs import budget_throughput, run_checkpoint_size
+from megatron_ext.report.render import build_report
+from recipes import report as report_recipe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TITLES = (
+    "Held-out loss vs active parameters",
+    "Budget control",
+    "Quantization",
+    "Checkpoint size",
+    "Slice throughput",
+)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(data))
+
+
+def _phase(tokens: int, seconds: float) -> dict:
+    return {
+        "generations": 4,
+        "new_tokens": tokens + 4,
+        "prefill_tokens": 40,
+        "prefill_s": 0.01,
+        "decode_tokens": tokens,
+        "decode_s": seconds,
+        "decode_tokens_per_s": tokens / seconds,
+    }
+
+
+def _generate(correct: dict[str, int], speed: dict[str, float]) -> dict:
+    pairs = {}
+    for name in ("S->L", "S->S", "L->S", "L->L"):  # generate lists the configured pair first
+        think, answer = name.split("->")
+        pairs[name] = {
+            "think_budget": think,
+            "answer_budget": answer,
+            "think": _phase(120, 120 / speed[think]),
+            "answer": _phase(20, 20 / speed[answer]),
+            "latency_s": 30 / speed[think] + 5 / speed[answer],
+            "think_closed": 4,
+            "think_at_limit": 0,
+            "correct": correct[name],
+            "total": 4,
+            "accuracy": correct[name] / 4,
+        }
+    return {"prompts": 4, "prompts_from": "test.jsonl", "scored": True, "pairs": pairs}
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """Fake outputs of every stage but the NVFP4 QAD run."""
+    budgets = {
+        "L": {"target": 1.0, "params": 800, "active_params": 600, "val_loss": 1.1},
+        "S": {"target": 0.5, "params": 400, "active_params": 300, "val_loss": 1.4},
+    }
+    for b in budgets.values():
+        b |= {"zero_shot_val_loss": b["val_loss"] + 0.5, "router_choice": {"ffn": 64}}
+    _write(tmp_path / "elastic", {"budgets": budgets, "parent_val_loss": 1.0})
+    ckpt = tmp_path / "elastic" / "checkpoints" / "iter_0000010"
+    ckpt.mkdir(parents=True)
+    files = {"__0_0.distcp": 3000, "common.pt": 100, "rank_state/rank_00000.pt": 6000}
+    (ckpt / "manifest.json").write_text(json.dumps({"files": files, "complete": True}))
+    (ckpt.parent / "latest.txt").write_text("iter_0000010\n")
+    slices = {
+        "L": {"bytes": 3100, "params_total": 800, "params_active": 600},
+        "S": {"bytes": 1600, "params_total": 400, "params_active": 300},
+    }
+    _write(tmp_path / "slices", {"budgets": slices})
+    all_right = dict.fromkeys(("S->L", "S->S", "L->S", "L->L"), 3)
+    _write(tmp_path / "generate_elastic", _generate(all_right, {"S": 100.0, "L": 100.0}))
+    correct = {"S->S": 1, "S->L": 3, "L->S": 2, "L->L": 3}
+    _write(tmp_path / "generate_slices", _generate(correct, {"S": 200.0, "L": 100.0}))
+    quant = {
+        n: {"ref_loss": 1.0, "ptq_loss": 1.5, "qad_loss": 1.1, "recovery": 0.8} for n in ("L", "S")
+    }
+    _write(tmp_path / "qad_fp8", {"format": "fp8", "reference_dtype": "float32", "budgets": quant})
+    return tmp_path
+
+
+def _config(root: Path) -> ReportConfig:
+    return ReportConfig(
+        parent=str(root / "parent"),
+        elastic=str(root / "elastic"),
+        slices=str(root / "slices"),
+        generate_elastic=str(root / "generate_elastic"),
+        generate_slices=str(root / "generate_slices"),
+        qad=[str(root / "qad_fp8"), str(root / "qad_nvfp4")],
+    )
+
+
+def test_report_renders_every_section_with_its_pngs_from_run_dirs(runs, tmp_path):
+    out = tmp_path / "out" / "REPORT.md"
+    sections = build_report(_config(runs), out)
+    assert [s.ran for s in sections] == [True] * 5
+    text = out.read_text()
+    for title in TITLES:
+        assert f"## {title}" in text
+    for section in sections:
+        assert section.images
+        for name in section.images:
+            assert (out.parent / name).read_bytes()[:8] == PNG_MAGIC
+            assert f"]({name})" in text
+    # the four configurations, S and L ordered by size, with accuracy and latency
+    assert text.index("| S → S |") < text.index("| S → L |") < text.index("| L → S |")
+    assert "| S → L | 0.75 | 3/4 |" in text
+    # S->L: 30/200 + 5/100 = 0.2 s against L->L: 30/100 + 5/100 = 0.35 s
+    assert "slices: S->L is 43% faster than L->L at accuracy 75.0% vs 75.0%." in text
+    # checkpoint sizes: 3100 weights, 9100 with the optimizer, slices 4700
+    assert "| all slices (separate checkpoints) | 4,700 |" in text
+    assert "| elastic checkpoint: weights | 3,100 |" in text
+    # QAD: FP8 ran, NVFP4 not
+    assert "| L | 1 | 1.5 | 1.1 | 0.8 |" in text
+    assert "qad_nvfp4/summary.json` does not exist" in text
+
+
+def test_missing_inputs_give_not_run_sections_that_say_what_to_run(tmp_path):
+    out = tmp_path / "REPORT.md"
+    sections = build_report(_config(tmp_path / "nothing"), out)
+    assert [s.ran for s in sections] == [False] * 5
+    text = out.read_text()
+    assert text.count("**Not run.**") == 5
+    for command in (
+        "train-elastic",
+        "star-elastic slice",
+        "star-elastic generate",
+        "star-elastic qad",
+    ):
+        assert command in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_partial_and_unreadable_inputs_only_switch_off_their_sections(runs, tmp_path):
+    (runs / "generate_slices" / "summary.json").write_text("{not json")
+    (runs / "slices" / "summary.json").unlink()
+    sections = {s.title.split(":")[0]: s for s in build_report(_config(runs), tmp_path / "r.md")}
+    assert sections["Held-out loss vs active parameters"].ran
+    assert sections["Budget control"].ran  # the elastic source alone
+    assert not sections["Checkpoint size"].ran
+    assert not sections["Slice throughput vs full"].ran
+    text = (tmp_path / "r.md").read_text()
+    assert "generate_slices/summary.json` is unreadable" in text
+
+
+def test_report_recipe_composes_from_conf_and_writes_report_and_summary(runs):
+    cfg = compose_recipe("report", [f"run.dir={runs}"])
+    summary = report_recipe.run(cfg)
+    assert Path(summary["report"]) == runs / "REPORT.md"
+    on_disk = json.loads((runs / "summary.json").read_text())
+    assert on_disk["sections"]["Checkpoint size: elastic vs separate"]["ran"]
+    assert (runs / "REPORT.md").is_file()
+
+
+def test_report_config_names_the_field_it_rejects():
+    with pytest.raises(ConfigError, match="report.out"):
+        ReportConfig(out="report.html")
+    with pytest.raises(ConfigError, match="report.elastic"):
+        ReportConfig(elastic="")
+
+
+def test_pairs_are_ordered_small_small_to_large_large_by_budget_size():
+    pairs = ["L->L", "S->L", "S->S", "L->S"]
+    assert pair_order(pairs, {"S": 1, "L": 2}) == ["S->S", "S->L", "L->S", "L->L"]
+    assert pair_order(["S->L", "L->L"]) == ["S->L", "L->L"]  # no sizes: the first pair is S->L
+
+
+def test_throughput_pools_every_phase_run_at_a_budget():
+    summary = _generate(
+        dict.fromkeys(("S->L", "S->S", "L->S", "L->L"), 0), {"S": 200.0, "L": 100.0}
+    )
+    rates = budget_throughput(summary)
+    assert rates["S"]["decode_tokens_per_s"] == pytest.approx(200.0)
+    assert rates["L"]["decode_tokens_per_s"] == pytest.approx(100.0)
+    assert rates["S"]["decode_tokens"] == 2 * 120 + 2 * 20
+
+
+def test_checkpoint_size_separates_weights_from_optimizer_state(runs):
+    size = run_checkpoint_size(runs / "elastic")
+    assert size is not None and (size.weights, size.total) == (3100, 9100)
