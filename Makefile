@@ -14,7 +14,7 @@ RUN_DIR ?= runs/demo
 export OMP_NUM_THREADS ?= 2
 export WANDB_MODE ?= offline
 
-.PHONY: demo test test-gpu test-nemo lint bench report clean slurm-deps
+.PHONY: demo test test-gpu test-nemo lint bench bench-demo report clean slurm-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -56,7 +56,12 @@ REPORT_DIR ?= runs/report
 report: $(STAMP)
 	OMP_NUM_THREADS=1 ROOT=$(REPORT_DIR) PARENT=$(RUN_DIR)/parent SE=$(VENV)/bin/star-elastic scripts/report.sh
 
+# make bench — the ratio suite (bench/suite.py -> bench/results.json, bench/RESULTS.md), CPU,
+#               a few minutes; make bench-demo — the quality benches on the demo's runs
 bench: $(STAMP)
+	$(PY) bench/suite.py
+
+bench-demo: $(STAMP)
 	$(PY) bench/slice_quality.py $(RUN_DIR)/parent
 	$(PY) bench/separate_vs_elastic.py $(RUN_DIR)/elastic
 

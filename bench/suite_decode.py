@@ -1,0 +1,114 @@
+"""Decode throughput: a standalone slice against the full model, scaled by their sizes.
+
+Both models are plain megatron-core ``MambaModel`` s decoded with the project's cached
+decoder (``megatron_ext.generate.decode.CachedDecoder``: KV cache for attention, conv and SSM
+states for Mamba), greedy, from the same random prompt. The slice is cut from the parent at
+the mid budget with ``slice_model``.
+
+A decode step (one token for every row, one forward pass) takes milliseconds, shorter than
+the bursts of a busy machine, so the two models are interleaved token by token: both are
+prefilled, then each step of one is followed by the same step of the other (the order
+alternates). Tokens/s is the batch size over the median step time.
+
+``slice tokens/s ÷ (full tokens/s × full active params ÷ slice active params)`` is 1 when
+the slice is exactly as much faster as it is smaller. A few more steps of each model are
+split by layer kind (``suite_profile``, medians): what keeps the slice from its share.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from suite_profile import layer_kind_timer
+
+from megatron_ext.benchmark import synchronize
+from megatron_ext.elastic.controller import ElasticController, StripeLayout
+from megatron_ext.elastic.slicing import build_slice, slice_model
+from megatron_ext.generate.decode import CachedDecoder
+from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.models.params import count_parameters
+
+PROFILED_STEPS = 17  # untimed steps split by layer kind (medians)
+
+
+def _paired_steps(
+    models: dict[str, torch.nn.Module],
+    ids: torch.Tensor,
+    new_tokens: int,
+    times: dict[str, list[float]],
+) -> None:
+    """One greedy generation per model, decode steps interleaved; appends step seconds."""
+    decoders = {name: CachedDecoder(model) for name, model in models.items()}
+    last = {name: d.prefill(ids, new_tokens).argmax(-1) for name, d in decoders.items()}
+    names = list(models)
+    for step in range(new_tokens - 1):
+        for name in names if step % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            logits = decoders[name].step(last[name])
+            synchronize(logits.device)
+            times[name].append(time.perf_counter() - start)
+            last[name] = logits.argmax(-1)
+
+
+def decode_speed(
+    parent: torch.nn.Module,
+    cfg: HybridModelConfig,
+    widths: dict[str, int],
+    pgs,
+    device: torch.device,
+    *,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    reps: int,
+) -> dict[str, Any]:
+    """Decode tokens/s of ``parent`` and of its slice at ``widths``, interleaved per step."""
+    small_cfg, state = slice_model(parent, widths, ElasticController(cfg, StripeLayout()))
+    small = build_slice(small_cfg, state, pg_collection=pgs).to(device).eval()
+    parent = parent.to(device).eval()
+    models = {"full": parent, "slice": small}
+    active = {
+        "full": count_parameters(parent, cfg, pgs).active,
+        "slice": count_parameters(small, small_cfg, pgs).active,
+    }
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=gen).to(device)
+    _paired_steps(models, ids, 4, {name: [] for name in models})  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(reps):
+        _paired_steps(models, ids, new_tokens, times)
+    kinds = {}
+    for name, model in models.items():
+        pattern = cfg.pattern if name == "full" else small_cfg.pattern
+        decoder = CachedDecoder(model)
+        token = decoder.prefill(ids, PROFILED_STEPS).argmax(-1)
+        per_step: dict[str, list[float]] = {}
+        for _ in range(PROFILED_STEPS - 1):
+            with layer_kind_timer(model, pattern) as seconds:
+                start = time.perf_counter()
+                token = decoder.step(token).argmax(-1)
+                synchronize(token.device)
+                seconds["total"] = time.perf_counter() - start
+            for kind, value in seconds.items():
+                per_step.setdefault(kind, []).append(value)
+        kinds[name] = {kind: statistics.median(v) for kind, v in per_step.items()}
+    step = {name: statistics.median(t) for name, t in times.items()}
+    full, sliced = batch / step["full"], batch / step["slice"]
+    expected = full * active["full"] / active["slice"]
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new_tokens,
+        "steps_per_model": len(times["full"]),
+        "full_tokens_per_s": full,
+        "slice_tokens_per_s": sliced,
+        "full_active_params": active["full"],
+        "slice_active_params": active["slice"],
+        "speedup": sliced / full,
+        "size_ratio": active["full"] / active["slice"],
+        "ratio": sliced / expected,
+        "step_seconds_by_layer_kind": kinds,
+    }
