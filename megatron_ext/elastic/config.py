@@ -29,7 +29,9 @@ BUDGET_KINDS: tuple[str, ...] = ("params", "active_params", "memory", "latency")
 """What a budget's ``target`` is a fraction of (in the full model)."""
 
 COMPUTE_MODES: tuple[str, ...] = ("masked", "narrow")
-"""How an elastic layer computes: full width times a mask, or on the active prefix only."""
+"""How an elastic layer computes: full width times a mask, or on its active components only
+(FFN and expert channels, attention heads, Mamba heads and head channels; the hidden width
+and the experts are masked in both modes)."""
 
 # axis -> (model field holding its full width, layer symbol it lives in; None = every model)
 AXIS_SOURCE: dict[str, tuple[str, str | None]] = {

@@ -20,10 +20,11 @@ Masks are built on the device of the tensor they apply to and cached per
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -32,10 +33,11 @@ from megatron_ext.elastic import layout
 from megatron_ext.elastic.config import AXES, AXIS_SOURCE, COMPUTE_MODES
 from megatron_ext.models.config import HybridModelConfig
 
-NARROW_AXES: tuple[str, ...] = ("ffn", "moe_ffn")
+NARROW_AXES: tuple[str, ...] = ("ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim")
 """Axes that narrow compute slices; every other axis is masked in both modes."""
 
 LAYOUT_FILE = "elastic_layout.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class ElasticController:
     ``model`` gives the full widths and the per-group head counts (attention heads per query
     group, Mamba heads per Mamba group); ``stripes`` is the reorder layout of the weights.
     Widths not given are full. ``mode`` is ``"masked"`` (full width times a mask) or
-    ``"narrow"`` (the :data:`NARROW_AXES` compute on their active prefix only).
+    ``"narrow"`` (the :data:`NARROW_AXES` compute on their active components only).
     """
 
     def __init__(
@@ -190,14 +192,26 @@ class ElasticController:
     def apply_gate(self, x: Tensor, axis: str, shard: Shard = WHOLE, unit: int = 1) -> Tensor:
         """``x`` times the soft mask of ``axis`` on its last dimension (``x`` when unset).
 
-        A narrow input holds only the local active prefix; the mask's prefix is used then.
+        A narrow input holds only the active local channels; the mask's entries there are used.
         """
         mask = self.soft_mask(axis, shard, x.device)
         if mask is None:
             return x
         if unit > 1:
             mask = mask.repeat_interleave(unit)
-        return x * mask[: x.shape[-1]].to(x.dtype)
+        if x.shape[-1] != mask.numel():
+            mask = mask[self.local_index(axis, shard, unit, x.device)]
+        return x * mask.to(x.dtype)
+
+    def local_index(self, axis: str, shard: Shard = WHOLE, unit: int = 1, device=None) -> Tensor:
+        """Indices of this shard's active channels of ``axis`` (each position covers ``unit``)."""
+        key = ("index", axis, self.widths[axis], shard, unit, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            mask = self.local_mask(axis, shard, device).repeat_interleave(unit)
+            hit = mask.nonzero().flatten()
+            self._cache[key] = hit
+        return hit  # type: ignore[return-value]
 
     def set_mode(self, mode: str) -> None:
         """Switch between ``"masked"`` and ``"narrow"`` compute."""
@@ -228,7 +242,7 @@ class ElasticController:
         return axis not in self.widths or self.widths[axis] == self.full_widths[axis]
 
     def is_narrow(self, axis: str) -> bool:
-        """Whether layers on ``axis`` compute on the active prefix now (narrow mode, not full)."""
+        """Whether layers on ``axis`` compute on its active components now (narrow, not full)."""
         return self.mode == "narrow" and axis in NARROW_AXES and not self.is_full(axis)
 
     def global_mask(self, axis: str, width: int | None = None) -> Tensor:
@@ -277,6 +291,15 @@ class ElasticController:
         if self.is_full(axis):
             return x
         return x * self.channel_mask(axis, shard, unit, device=x.device, dtype=x.dtype)
+
+    def memo(self, key: tuple, build: Callable[[], T]) -> T:
+        """``build()``, cached under ``key`` plus the current widths (layers' derived indices)."""
+        full_key = ("memo", key, tuple(sorted(self.widths.items())))
+        hit = self._cache.get(full_key)
+        if hit is None:
+            hit = build()
+            self._cache[full_key] = hit
+        return hit  # type: ignore[return-value]
 
     def local_prefix_len(self, axis: str, shard: Shard = WHOLE) -> int:
         """Active positions of this shard of ``axis``; they must be the shard's leading ones.

@@ -13,9 +13,10 @@ axis               modules
 ``embedding``      ``embedding`` output; the residual norms (``norm``, ``input_layernorm``,
                    ``pre_mlp_layernorm``, ``final_norm``); the outputs of ``mixer.out_proj``,
                    ``linear_proj``, dense ``linear_fc2`` and the whole MoE layer
-``attn_heads``     input of ``self_attention.linear_proj`` (per head)
-``mamba_heads``,   ``mixer.norm``: SSM output masked, per-group RMS over active channels
-``mamba_head_dim``
+``attn_heads``     input of ``self_attention.linear_proj`` (per head); narrow: the
+                   ``self_attention`` computes only the active query heads
+``mamba_heads``,   ``mixer.norm``: SSM output masked, per-group RMS over active channels;
+``mamba_head_dim`` narrow: the ``mixer`` computes only the active heads / head channels
 ``ffn``            dense ``linear_fc2`` input; narrow: ``linear_fc1`` rows / ``linear_fc2`` cols
 ``moe_experts``    ``mlp.router``: inactive logits ``-inf`` before top-k
 ``moe_ffn``        each routed expert's ``linear_fc2`` input; narrow as ``ffn``
@@ -49,9 +50,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
 from megatron_ext.elastic.controller import ElasticController, Shard
+from megatron_ext.elastic.layers_attention import ElasticQKVLinearMixin, ElasticSelfAttentionMixin
 from megatron_ext.elastic.layers_base import is_elastic_module, make_elastic, make_plain
 from megatron_ext.elastic.layers_linear import ElasticColumnLinearMixin, ElasticRowLinearMixin
-from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin
+from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin, ElasticMambaMixerMixin
 from megatron_ext.elastic.layers_moe import ElasticMoELayerMixin, ElasticRouterMixin
 from megatron_ext.elastic.layers_residual import ElasticEmbeddingMixin, ElasticRMSNormMixin
 
@@ -186,13 +188,18 @@ def _mamba(mixer: MambaMixer, ctrl: ElasticController, where: str) -> Iterator[S
         raise TypeError(f"{where}: elastic Mamba heads do not support context parallelism yet")
     _check(f"{where} (heads)", mixer.nheads, ctrl, "mamba_heads")
     _check(f"{where} (head dim)", mixer.headdim, ctrl, "mamba_head_dim")
-    yield mixer.norm, ElasticGatedNormMixin, {"elastic_heads": Shard.of(mixer.tp_group)}
+    heads = {"elastic_heads": Shard.of(mixer.tp_group)}
+    yield mixer, ElasticMambaMixerMixin, heads
+    yield mixer.norm, ElasticGatedNormMixin, heads
     yield mixer.out_proj, ElasticRowLinearMixin, {"elastic_in": None, "elastic_out": True}
 
 
 def _attention(attn: Attention, ctrl: ElasticController) -> Iterator[Step]:
     _check("self_attention", attn.config.num_attention_heads, ctrl, "attn_heads")
-    site = ("attn_heads", Shard.of(attn.tp_group), attn.hidden_size_per_attention_head)
+    shard = Shard.of(attn.tp_group)
+    site = ("attn_heads", shard, attn.hidden_size_per_attention_head)
+    yield attn, ElasticSelfAttentionMixin, {"elastic_heads": shard}
+    yield attn.linear_qkv, ElasticQKVLinearMixin, {"elastic_rows": None}
     yield attn.linear_proj, ElasticRowLinearMixin, {"elastic_in": site, "elastic_out": True}
 
 

@@ -11,6 +11,10 @@ active local prefix of its input columns. Upstream's ``MLP.forward`` runs unchan
 them, on the narrower tensor. The communication is that of upstream's local linears,
 through megatron's mapping functions; the GEMM is ``F.linear`` on a view of the weight, so
 the gradient lands in the full parameter. Narrow compute needs the local backend.
+
+The same two functions, :func:`column_linear_on` and :func:`row_linear_on`, serve the
+attention and Mamba layers' narrow compute (:mod:`.layers_attention`, :mod:`.layers_mamba`),
+whose active rows / columns are an index (the top heads of every group) rather than a prefix.
 """
 
 from __future__ import annotations
@@ -53,42 +57,102 @@ class ElasticRowLinearMixin(ElasticMixin):
     elastic_out: bool
 
     def forward(self, x: Tensor, *args, **kwargs) -> Out:
-        """Mask (or narrow) the input, run the projection, mask the output channels."""
+        """Mask (or narrow) the input, run the projection, mask the output channels.
+
+        The input is narrow when its layer computed only the active channels: in narrow mode
+        it is narrower than ``weight``'s input dimension (an attention layer that cannot
+        narrow, e.g. while decoding, hands over the full width and is masked here).
+        """
         ctrl = self.elastic_ctrl
         site = self.elastic_in
-        if site is not None and ctrl.is_narrow(site[0]):
+        narrow_in = x.shape[-1] != self.weight.shape[1]  # type: ignore[attr-defined]
+        if site is not None and ctrl.is_narrow(site[0]) and narrow_in:
             out, bias = self.elastic_narrow_forward(ctrl.apply_gate(x, *site))
         else:
             if site is not None:
                 x = ctrl.mask_last_dim(x, *site)
             out, bias = self.elastic_upstream.forward(self, x, *args, **kwargs)
+        return self._mask_output(out, bias)
+
+    def _mask_output(self, out: Tensor, bias: Tensor | None) -> Out:
         if self.elastic_out:
+            ctrl = self.elastic_ctrl
             out = ctrl.mask_last_dim(out, "embedding")
             if bias is not None:
                 bias = ctrl.mask_last_dim(bias, "embedding")
         return out, bias
 
     def elastic_narrow_forward(self, x: Tensor) -> Out:
-        """Input holds only the active local prefix of the input axis: read those columns."""
-        _need_local(self, RowParallelLinear)
+        """Input holds only the active local channels of the input axis: read those columns.
+
+        Ungrouped axes (FFN channels) are the local prefix, read as a view; grouped ones
+        (attention heads: the top heads of every query group) by index.
+        """
         assert self.elastic_in is not None
         axis, shard, unit = self.elastic_in
-        cols = self.elastic_ctrl.local_prefix_len(axis, shard) * unit
-        if x.shape[-1] != cols:
-            raise ValueError(f"narrow {axis}: input has {x.shape[-1]} channels, expected {cols}")
-        layer: RowParallelLinear = self  # type: ignore[assignment]
-        if not layer.input_is_parallel:
-            raise TypeError("narrow compute needs a row-parallel layer with input_is_parallel")
-        out = F.linear(x, layer.weight[:, :cols])
-        if layer.explicit_expert_comm:
-            pass  # experts: the token dispatcher reduces
-        elif layer.sequence_parallel:
-            out = reduce_scatter_to_sequence_parallel_region(out, group=layer.tp_group)
+        ctrl = self.elastic_ctrl
+        if axis in ctrl.group_sizes:
+            cols = ctrl.local_index(axis, shard, unit, x.device)
+            weight = self.weight.index_select(1, cols)  # type: ignore[attr-defined]
         else:
-            out = reduce_from_tensor_model_parallel_region(out, group=layer.tp_group)
-        if layer.skip_bias_add:
-            return out, layer.bias
-        return (out if layer.bias is None else out + layer.bias), None
+            weight = self.weight[:, : ctrl.local_prefix_len(axis, shard) * unit]  # type: ignore[attr-defined]
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"narrow {axis}: input has {x.shape[-1]} channels, expected {weight.shape[1]}"
+            )
+        return row_linear_on(self, x, weight)
+
+    def elastic_columns_forward(self, x: Tensor, cols: Tensor) -> Out:
+        """Input holds only the local input channels ``cols`` (an index): read those columns.
+
+        The output is masked on the inactive hidden channels as :meth:`forward` does.
+        """
+        weight = self.weight.index_select(1, cols)  # type: ignore[attr-defined]
+        return self._mask_output(*row_linear_on(self, x, weight))
+
+
+def row_linear_on(layer: object, x: Tensor, weight: Tensor) -> Out:
+    """Megatron's local row-parallel linear with ``weight`` (a narrowed view of its own).
+
+    The GEMM is ``F.linear`` on ``weight``; the output reduction over the TP group (or
+    reduce-scatter with sequence parallelism) and the bias are upstream's.
+    """
+    _need_local(layer, RowParallelLinear)
+    assert isinstance(layer, RowParallelLinear)
+    if not layer.input_is_parallel:
+        raise TypeError("narrow compute needs a row-parallel layer with input_is_parallel")
+    out = F.linear(x, weight)
+    if layer.explicit_expert_comm:
+        pass  # experts: the token dispatcher reduces
+    elif layer.sequence_parallel:
+        out = reduce_scatter_to_sequence_parallel_region(out, group=layer.tp_group)
+    else:
+        out = reduce_from_tensor_model_parallel_region(out, group=layer.tp_group)
+    if layer.skip_bias_add:
+        return out, layer.bias
+    return (out if layer.bias is None else out + layer.bias), None
+
+
+def column_linear_on(layer: object, x: Tensor, weight: Tensor, bias: Tensor | None) -> Out:
+    """Megatron's local column-parallel linear with ``weight`` / ``bias`` (narrowed views).
+
+    The input communication (copy to the TP region, or all-gather with sequence parallelism)
+    is upstream's; the GEMM is ``F.linear``, so the gradient lands in the full parameter.
+    """
+    _need_local(layer, ColumnParallelLinear)
+    assert isinstance(layer, ColumnParallelLinear)
+    if layer.gather_output:
+        raise TypeError("narrow compute needs a column-parallel layer without gather_output")
+    if layer.explicit_expert_comm or layer.disable_grad_reduce:
+        pass  # experts: the token dispatcher gathers
+    elif layer.sequence_parallel:
+        x = gather_from_sequence_parallel_region(x, group=layer.tp_group)
+    else:
+        x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
+    out = F.linear(x, weight)
+    if layer.skip_bias_add:
+        return out, bias
+    return (out if bias is None else out + bias), None
 
 
 class ElasticColumnLinearMixin(ElasticMixin):
@@ -117,20 +181,8 @@ class ElasticColumnLinearMixin(ElasticMixin):
 
     def elastic_narrow_forward(self, x: Tensor) -> Out:
         """``F.linear`` on the active local rows, with upstream's input communication."""
-        _need_local(self, ColumnParallelLinear)
-        layer: ColumnParallelLinear = self  # type: ignore[assignment]
-        if layer.gather_output:
-            raise TypeError("narrow compute needs a column-parallel layer without gather_output")
         axis, shard = self.elastic_rows
         k = self.elastic_ctrl.local_prefix_len(axis, shard)
-        if layer.explicit_expert_comm or layer.disable_grad_reduce:
-            pass  # experts: the token dispatcher gathers
-        elif layer.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, group=layer.tp_group)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
-        bias = None if layer.bias is None else self._narrow_rows(layer.bias, k)
-        out = F.linear(x, self._narrow_rows(layer.weight, k))
-        if layer.skip_bias_add:
-            return out, bias
-        return (out if bias is None else out + bias), None
+        bias = self.bias  # type: ignore[attr-defined]
+        bias = None if bias is None else self._narrow_rows(bias, k)
+        return column_linear_on(self, x, self._narrow_rows(self.weight, k), bias)  # type: ignore[attr-defined]

@@ -137,6 +137,59 @@ def test_narrow_compute_equals_masked_compute(world, widths):
     assert (narrow - masked).abs().max().item() <= ATOL
 
 
+def test_narrow_mixer_and_attention_compute_only_the_active_heads(world):
+    model = build(world)
+    ctrl = ElasticController(MODEL)
+    convert_to_elastic(model, ctrl)
+    mixer = model.decoder.layers[0].mixer
+    attn = model.decoder.layers[1].self_attention
+    seen: dict[str, list[int]] = {"ssm": [], "attn": []}
+    mixer.norm.register_forward_hook(lambda m, a, out: seen["ssm"].append(a[0].shape[-1]))
+    attn.core_attention.register_forward_hook(lambda m, a, out: seen["attn"].append(out.shape[-1]))
+    widths = {"mamba_heads": 4, "mamba_head_dim": 8, "attn_heads": 2}
+    with ctrl.at(widths, mode="masked"):
+        masked = logits(model)
+    with ctrl.at(widths, mode="narrow"):
+        narrow = logits(model)
+    assert seen["ssm"] == [8 * 16, 4 * 8]  # the SSM output: every channel, then the 4 x 8 active
+    assert seen["attn"] == [4 * 32, 2 * 32]  # the heads' context: 4 heads, then the 2 active
+    assert (narrow - masked).abs().max().item() <= ATOL
+    assert attn.num_attention_heads_per_partition == 4 and mixer.headdim == 16  # restored
+
+
+@pytest.mark.parametrize(
+    "widths",
+    [{"mamba_heads": 4}, {"mamba_head_dim": 8}, {"attn_heads": 2}, SMALL],
+    ids=["mamba_heads", "mamba_head_dim", "attn_heads", "all"],
+)
+def test_narrow_gradients_equal_masked_gradients(world, widths):
+    """The backward pass of narrow compute fills the full parameters as masked compute does.
+
+    Inactive rows get no gradient in either mode (exact zeros vs untouched); the active ones
+    differ by rounding only: fp32 sums in another order, <= 1e-5 relative to the largest.
+    """
+    model = build(world).train()
+    ctrl = ElasticController(MODEL)
+    convert_to_elastic(model, ctrl)
+    tokens, pos, mask = batch()
+    grads = {}
+    for mode in ("masked", "narrow"):
+        model.zero_grad(set_to_none=True)
+        with ctrl.at(widths, mode=mode):
+            model(tokens, pos, mask, labels=tokens).mean().backward()
+        grads[mode] = {
+            n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters()
+        }
+    worst = max(
+        (grads["narrow"][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        for n, g in grads["masked"].items()
+    )
+    assert worst <= 1e-5
+    a_log = grads["narrow"]["decoder.layers.0.mixer.A_log"]
+    assert a_log.any() and (a_log == 0).any() == ("mamba_heads" in widths)
+
+
 def test_narrow_compute_rejects_weights_striped_for_another_tp_size(world):
     model = build(world)
     ctrl = ElasticController(MODEL, StripeLayout(tp=2))

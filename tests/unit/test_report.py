@@ -13,6 +13,7 @@ from megatron_ext.models.config import ConfigError
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.generation_sections import pair_order
 from megatron_ext.report.inputs import budget_throughput, run_checkpoint_size
+from megatron_ext.report.model_sections import recovery_notes
 from megatron_ext.report.render import build_report
 from recipes import report as report_recipe
 
@@ -192,3 +193,17 @@ def test_throughput_pools_every_phase_run_at_a_budget():
 def test_checkpoint_size_separates_weights_from_optimizer_state(runs):
     size = run_checkpoint_size(runs / "elastic")
     assert size is not None and (size.weights, size.total) == (3100, 9100)
+
+
+def test_quantization_notes_say_when_qad_ends_above_ptq_or_there_was_nothing_to_recover():
+    worse = {
+        "L": {"ref_loss": 0.357, "ptq_loss": 0.3572, "qad_loss": 0.3575},
+        "S": {"ref_loss": 0.4399, "ptq_loss": 0.4435, "qad_loss": 0.4469},
+    }
+    text = " ".join(recovery_notes("FP8", worse))
+    assert "FP8 QAD ends above its PTQ loss at L, S (by up to 0.0034 nats/token)" in text
+    assert "PTQ lost at most 0.0036" in text
+    tiny = {n: {"ref_loss": 1.0, "ptq_loss": 1.0002, "qad_loss": 1.0003} for n in ("L", "S")}
+    assert "nothing for QAD to recover" in " ".join(recovery_notes("FP8", tiny))
+    recovered = {"L": {"ref_loss": 1.0, "ptq_loss": 1.5, "qad_loss": 1.1}}
+    assert recovery_notes("NVFP4", recovered) == []

@@ -68,3 +68,22 @@ def test_split_elastic_run_resumes_bit_identically(tmp_path, importance_run, dat
     for name, figures in whole["budgets"].items():
         assert resumed["budgets"][name]["val_loss"] == figures["val_loss"]
         assert resumed["budgets"][name]["router_choice"] == figures["router_choice"]
+
+
+def test_narrow_compute_run_trains_and_evaluates_like_the_masked_run(
+    tmp_path, elastic_run, importance_run, data_overrides
+):
+    """``elastic.compute=narrow`` runs every axis it narrows through training and evaluation.
+
+    The forward pass is the masked one up to rounding, but the router's soft-mask gradient
+    sees only the active channels, so the runs may choose differently; what must hold is a
+    trained model at every budget whose losses are those of a run of this length (within
+    0.5 nats of the masked run's) and whose cost is still on budget.
+    """
+    _, masked = elastic_run
+    narrow = _run(tmp_path / "narrow", importance_run, data_overrides, "elastic.compute=narrow")
+    assert narrow["steps"] == masked["steps"]
+    for name, figures in masked["budgets"].items():
+        got = narrow["budgets"][name]
+        assert abs(got["val_loss"] - figures["val_loss"]) <= 0.5, (name, got, figures)
+        assert got["cost_error"] <= 0.015
