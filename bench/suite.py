@@ -237,6 +237,11 @@ def main() -> None:
             0.9,
         ),
         Ratio(
+            "4b",
+            f"same, each model decoding {dec['warm_block_steps']} steps in a row (warm caches)",
+            dec["warm_ratio"],
+        ),
+        Ratio(
             "5",
             "elastic checkpoint bytes ÷ parent checkpoint bytes",
             sizes["elastic_over_parent"],

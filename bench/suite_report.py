@@ -85,7 +85,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Decode step by layer kind (ms, batch {dec['batch']}; ratio 4): the slice is "
         f"{dec['speedup']:.2f}x faster ({dec['full_tokens_per_s']:.0f} → "
         f"{dec['slice_tokens_per_s']:.0f} tokens/s) for {dec['size_ratio']:.2f}x fewer active "
-        "params.",
+        f"params; {dec['warm_speedup']:.2f}x when each model decodes {dec['warm_block_steps']} "
+        "steps in a row (4b).",
         "",
         *_kind_table("model", dec["step_seconds_by_layer_kind"], 1e3),
         "",

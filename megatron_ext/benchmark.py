@@ -103,6 +103,24 @@ def interleaved(
     return out
 
 
+def block_schedule(names: list[str], steps: int, block: int) -> list[tuple[str, bool]]:
+    """The order in which models take ``steps`` steps each, alternating in blocks of ``block``.
+
+    Each entry is ``(name, timed)``. Block ``i`` runs every model for ``block`` consecutive
+    steps, in ``names`` order for even ``i`` and reversed for odd ``i``. With ``block == 1`` that
+    is per-step interleaving and every step is timed; with larger blocks the first step of
+    each block is not timed (the model's first step after another model evicted its cache).
+    """
+    if block < 1 or steps < 0:
+        raise ValueError(f"block must be >= 1 and steps >= 0, got block={block} steps={steps}")
+    order: list[tuple[str, bool]] = []
+    for index, start in enumerate(range(0, steps, block)):
+        count = min(block, steps - start)
+        for name in names if index % 2 == 0 else names[::-1]:
+            order += [(name, block == 1 or i > 0) for i in range(count)]
+    return order
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window; ``False`` where that is impossible.
 

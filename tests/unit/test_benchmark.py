@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_ext.benchmark import (
+    block_schedule,
     current_memory_bytes,
     device_description,
     interleaved,
@@ -41,3 +42,20 @@ def test_cpu_peak_memory_sees_a_large_allocation():
 
 def test_device_description_names_the_cpu():
     assert "cores" in device_description(CPU)
+
+
+def test_block_schedule_alternates_blocks_and_skips_each_blocks_first_step():
+    assert block_schedule(["a", "b"], 3, 1) == [
+        ("a", True),
+        ("b", True),
+        ("b", True),
+        ("a", True),
+        ("a", True),
+        ("b", True),
+    ]
+    order = block_schedule(["a", "b"], 5, 3)  # blocks of 3, then the last 2 steps
+    assert [n for n, _ in order] == ["a"] * 3 + ["b"] * 3 + ["b"] * 2 + ["a"] * 2
+    assert [t for _, t in order] == [False, True, True] * 2 + [False, True] * 2
+    assert sum(1 for n, _ in order if n == "a") == 5  # every model takes every step
+    with pytest.raises(ValueError, match="block"):
+        block_schedule(["a"], 4, 0)
