@@ -37,6 +37,13 @@ Out = tuple[Tensor, Tensor | None]
 
 
 def _need_local(module: object, kind: type) -> None:
+    from megatron_ext.quant.layers import is_quantized_module
+
+    if is_quantized_module(module):
+        raise TypeError(
+            f"{type(module).__name__}: narrow compute would skip the quantized GEMM; quantized "
+            "elastic models compute masked (ElasticController(mode='masked'))"
+        )
     if not isinstance(module, kind):
         raise TypeError(
             f"narrow compute needs megatron's local {kind.__name__}, not {type(module).__name__} "

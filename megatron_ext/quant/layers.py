@@ -15,7 +15,8 @@ state dict; :mod:`megatron_ext.quant.state` saves it to its own file):
 
 A layer with ``quant_weight=False`` holds weights that are already dequantized values (a
 loaded export); it quantizes its inputs only. Narrow elastic compute (``F.linear`` on a
-narrowed weight) bypasses ``_forward_impl``: quantized elastic models compute masked.
+narrowed weight) would bypass ``_forward_impl``, so it refuses a quantized linear: quantized
+elastic models compute masked.
 """
 
 from __future__ import annotations

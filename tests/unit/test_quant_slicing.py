@@ -196,3 +196,13 @@ def test_uncalibrated_model_refuses_to_run_quantized(world):
 
 def test_choices_used_here_pass_the_elastic_validation():
     assert CHOICES["mamba_head_dim"] == [16, 8]  # the misaligned width the NVFP4 test relies on
+
+
+@pytest.mark.parametrize("widths", [{"mamba_heads": 4}, {"attn_heads": 2}], ids=str)
+def test_narrow_compute_on_a_quantized_model_is_refused(quantized, widths):
+    """Narrow compute calls ``F.linear`` itself and would skip the quantized GEMM silently."""
+    model, ctrl, _ = quantized
+    with ctrl.at(widths, mode="narrow"), pytest.raises(TypeError, match="compute masked"):
+        logits(model)
+    with ctrl.at(widths, mode="masked"):
+        assert torch.isfinite(logits(model)).all()
