@@ -30,8 +30,8 @@ BUDGET_KINDS: tuple[str, ...] = ("params", "active_params", "memory", "latency")
 
 COMPUTE_MODES: tuple[str, ...] = ("masked", "narrow")
 """How an elastic layer computes: full width times a mask, or on its active components only
-(FFN and expert channels, attention heads, Mamba heads and head channels; the hidden width
-and the experts are masked in both modes)."""
+(hidden channels, FFN and expert channels, attention heads, Mamba heads and head channels;
+inactive experts are masked in both modes and get no tokens either way)."""
 
 # axis -> (model field holding its full width, layer symbol it lives in; None = every model)
 AXIS_SOURCE: dict[str, tuple[str, str | None]] = {

@@ -33,8 +33,16 @@ from megatron_ext.elastic import layout
 from megatron_ext.elastic.config import AXES, AXIS_SOURCE, COMPUTE_MODES
 from megatron_ext.models.config import HybridModelConfig
 
-NARROW_AXES: tuple[str, ...] = ("ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim")
-"""Axes that narrow compute slices; every other axis is masked in both modes."""
+NARROW_AXES: tuple[str, ...] = (
+    "embedding",
+    "ffn",
+    "moe_ffn",
+    "attn_heads",
+    "mamba_heads",
+    "mamba_head_dim",
+)
+"""Axes that narrow compute slices; the experts are masked in both modes (an inactive expert
+gets no tokens, so it costs nothing either way)."""
 
 LAYOUT_FILE = "elastic_layout.json"
 T = TypeVar("T")
@@ -290,7 +298,10 @@ class ElasticController:
             return self.apply_gate(x, axis, shard, unit)
         if self.is_full(axis):
             return x
-        return x * self.channel_mask(axis, shard, unit, device=x.device, dtype=x.dtype)
+        mask = self.channel_mask(axis, shard, unit, device=x.device, dtype=x.dtype)
+        if x.shape[-1] != mask.numel():
+            return x  # narrow: ``x`` holds only the active channels
+        return x * mask
 
     def memo(self, key: tuple, build: Callable[[], T]) -> T:
         """``build()``, cached under ``key`` plus the current widths (layers' derived indices)."""

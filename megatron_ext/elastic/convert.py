@@ -12,7 +12,10 @@ axis               modules
 =================  ===========================================================================
 ``embedding``      ``embedding`` output; the residual norms (``norm``, ``input_layernorm``,
                    ``pre_mlp_layernorm``, ``final_norm``); the outputs of ``mixer.out_proj``,
-                   ``linear_proj``, dense ``linear_fc2`` and the whole MoE layer
+                   ``linear_proj``, dense ``linear_fc2`` and the whole MoE layer; narrow:
+                   the stream holds the active channels, every reader of it (``in_proj``,
+                   ``linear_qkv``, ``linear_fc1``, router, shared experts, ``output_layer``)
+                   reads their columns and every writer computes their rows
 ``attn_heads``     input of ``self_attention.linear_proj`` (per head); narrow: the
                    ``self_attention`` computes only the active query heads
 ``mamba_heads``,   ``mixer.norm``: SSM output masked, per-group RMS over active channels;
@@ -41,6 +44,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
@@ -159,6 +163,9 @@ def _plan(model: nn.Module, ctrl: ElasticController) -> Iterator[Step]:
                 yield from _mlp(child, ctrl, "ffn")
     if getattr(decoder, "final_norm", None) is not None:
         yield from _residual_norm(decoder, "final_norm", None, "decoder")
+    output = getattr(model, "output_layer", None)
+    if isinstance(output, ColumnParallelLinear):
+        yield output, ElasticColumnLinearMixin, {"elastic_rows": None, "elastic_glu": False}
 
 
 def _residual_norm(owner: nn.Module, attr: str, feeds: str | None, where: str) -> Iterator[Step]:
@@ -190,6 +197,7 @@ def _mamba(mixer: MambaMixer, ctrl: ElasticController, where: str) -> Iterator[S
     _check(f"{where} (head dim)", mixer.headdim, ctrl, "mamba_head_dim")
     heads = {"elastic_heads": Shard.of(mixer.tp_group)}
     yield mixer, ElasticMambaMixerMixin, heads
+    yield mixer.in_proj, ElasticColumnLinearMixin, {"elastic_rows": None, "elastic_glu": False}
     yield mixer.norm, ElasticGatedNormMixin, heads
     yield mixer.out_proj, ElasticRowLinearMixin, {"elastic_in": None, "elastic_out": True}
 
@@ -228,3 +236,13 @@ def _moe(moe: MoELayer, ctrl: ElasticController, where: str) -> Iterator[Step]:
     yield moe.router, ElasticRouterMixin, {}
     for expert in moe.experts.local_experts:
         yield from _mlp(expert, ctrl, "moe_ffn")
+    shared = getattr(moe, "shared_experts", None)
+    if shared is not None:
+        if getattr(shared, "use_shared_expert_gate", False):
+            raise TypeError(f"{where}.shared_experts: a shared-expert gate is not elastic yet")
+        yield (
+            shared.linear_fc1,
+            ElasticColumnLinearMixin,
+            {"elastic_rows": None, "elastic_glu": False},
+        )
+        yield shared.linear_fc2, ElasticRowLinearMixin, {"elastic_in": None, "elastic_out": False}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
-from megatron_ext.elastic.layers_linear import column_linear_on
+from megatron_ext.elastic.layers_linear import column_linear_on, hidden_cols
 
 
 def qkv_rows(ctrl: ElasticController, shard: Shard, groups: int, head_dim: int, device) -> Tensor:
@@ -56,20 +56,24 @@ class ElasticQKVLinearMixin(ElasticMixin):
     """``linear_qkv`` that computes only ``elastic_rows`` while its attention runs narrow.
 
     Setting: ``elastic_rows``, set by the owning attention for the length of a narrow call
-    (``None`` otherwise: upstream's forward).
+    (``None`` otherwise: upstream's forward, unless the hidden input is narrow).
     """
 
     elastic_fields = ("elastic_rows",)
     elastic_rows: Tensor | None
 
     def forward(self, x: Tensor, *args, **kwargs):
-        """Upstream's forward, or ``F.linear`` on the selected rows with upstream's comms."""
+        """Upstream's forward, or ``F.linear`` on the selected rows (and, with a narrow hidden
+        input, the active hidden columns) with upstream's communication."""
         rows = self.elastic_rows
-        if rows is None:
-            return self.elastic_upstream.forward(self, x, *args, **kwargs)
         layer: Any = self
-        bias = None if layer.bias is None else layer.bias.index_select(0, rows)
-        return column_linear_on(self, x, layer.weight.index_select(0, rows), bias)
+        if rows is None and x.shape[-1] == layer.weight.shape[1]:
+            return self.elastic_upstream.forward(self, x, *args, **kwargs)
+        weight, bias = layer.weight, layer.bias
+        if rows is not None:
+            weight = weight.index_select(0, rows)
+            bias = None if bias is None else bias.index_select(0, rows)
+        return column_linear_on(self, x, hidden_cols(self.elastic_ctrl, x, weight), bias)
 
 
 class ElasticSelfAttentionMixin(ElasticMixin):

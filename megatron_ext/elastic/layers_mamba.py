@@ -18,7 +18,8 @@ from views of the active entries, with the narrow head count and head dim. Every
 keeps the same number of heads (the grouped layout, :mod:`megatron_ext.elastic.layout`), so
 upstream's head-to-group mapping holds. The norm sees the narrow channels and ``out_proj``
 reads only their columns. The parameters are indexed inside the forward pass, so the
-gradient lands in the full parameters.
+gradient lands in the full parameters. With a narrow hidden width ``in_proj`` reads and
+``out_proj`` writes only the active hidden channels.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
-from megatron_ext.elastic.layers_linear import column_linear_on
+from megatron_ext.elastic.layers_linear import column_linear_on, hidden_cols
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class ElasticMambaMixerMixin(ElasticMixin):
     ):
         """Upstream's forward, or the narrow one at a narrow budget in a plain forward pass."""
         ctrl = self.elastic_ctrl
-        narrow = ctrl.is_narrow("mamba_heads") or ctrl.is_narrow("mamba_head_dim")
+        narrow = any(ctrl.is_narrow(a) for a in ("mamba_heads", "mamba_head_dim", "embedding"))
         plain_call = inference_context is None and inference_params is None
         if narrow and plain_call and kwargs.get("packed_seq_params") is None:
             return self.elastic_narrow_forward(hidden_states)
@@ -116,7 +117,8 @@ class ElasticMambaMixerMixin(ElasticMixin):
         rows = torch.cat([act.channels, d + act.channels, 2 * d + bc, 2 * d + 2 * gn + act.heads])
         proj = mixer.in_proj
         bias = None if proj.bias is None else proj.bias.index_select(0, rows)
-        zxbcdt, _ = column_linear_on(proj, hidden_states, proj.weight.index_select(0, rows), bias)
+        weight = hidden_cols(self.elastic_ctrl, hidden_states, proj.weight.index_select(0, rows))
+        zxbcdt, _ = column_linear_on(proj, hidden_states, weight, bias)
         channels = act.channels
         heads = act.heads
         cp = MambaContextParallel(

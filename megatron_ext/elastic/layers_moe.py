@@ -13,9 +13,14 @@ hidden channels. ``moe_ffn`` lives in the experts' own linears (:mod:`.layers_li
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from torch import Tensor
 
 from megatron_ext.elastic.layers_base import ElasticMixin
+from megatron_ext.elastic.layers_linear import hidden_cols
 
 
 class ElasticRouterMixin(ElasticMixin):
@@ -24,9 +29,20 @@ class ElasticRouterMixin(ElasticMixin):
     expert_bias: Tensor | None
 
     def gating(self, input: Tensor) -> Tensor:
-        """Upstream's logits with the inactive experts' set to ``-inf``."""
-        logits = self.elastic_upstream.gating(self, input)
+        """Upstream's logits with the inactive experts' set to ``-inf``.
+
+        A narrow hidden input (narrow ``embedding``) meets the active columns of the weight.
+        """
         ctrl = self.elastic_ctrl
+        router: Any = self
+        if input.shape[-1] != router.weight.shape[1]:
+            weight = hidden_cols(ctrl, input, router.weight)
+            dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+                router.config.moe_router_dtype, input.dtype
+            )
+            logits = router_gating_linear(input, weight, router.bias, dtype)
+        else:
+            logits = self.elastic_upstream.gating(self, input)
         if ctrl.is_full("moe_experts"):
             return logits
         active = ctrl.local_mask("moe_experts", device=logits.device)

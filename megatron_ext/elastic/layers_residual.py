@@ -5,6 +5,9 @@ zeroes them in what it adds (see :mod:`.layers_linear`, :mod:`.layers_moe`), so 
 stream is the sliced model's padded with zeros. The norms on it compute their statistics
 over the active channels only and zero the inactive outputs (DESIGN.md invariant 4), so even
 a non-zero value in an inactive channel never reaches a GEMM.
+
+In narrow compute the embedding hands on only the active channels and the norms normalise
+what they are given with the active entries of their weight.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ class ElasticEmbeddingMixin(ElasticMixin):
     def forward(self, *args, **kwargs) -> Tensor:
         """Upstream's embedding, then the ``embedding`` mask on the hidden channels."""
         out = self.elastic_upstream.forward(self, *args, **kwargs)
-        return self.elastic_ctrl.mask_last_dim(out, "embedding")
+        ctrl = self.elastic_ctrl
+        if ctrl.is_narrow("embedding"):  # the residual stream holds the active channels only
+            out = out.index_select(-1, ctrl.local_index("embedding", device=out.device))
+        return ctrl.mask_last_dim(out, "embedding")
 
 
 class ElasticRMSNormMixin(ElasticMixin):
@@ -39,11 +45,24 @@ class ElasticRMSNormMixin(ElasticMixin):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` over its active hidden channels."""
         ctrl = self.elastic_ctrl
-        if ctrl.is_full("embedding"):
+        if self.weight is not None and x.shape[-1] != self.weight.shape[0]:
+            out = self._narrow_norm(x)
+        elif ctrl.is_full("embedding"):
             out = self.elastic_upstream.forward(self, x)
         else:
             out = self._masked_norm(x)
         return ctrl.apply_gate(out, "embedding")
+
+    def _narrow_norm(self, x: Tensor) -> Tensor:
+        """``x`` holds the active channels only: the RMSNorm of the sliced model, in fp32."""
+        assert self.weight is not None
+        weight = self.weight.index_select(
+            0, self.elastic_ctrl.local_index("embedding", device=x.device)
+        )
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+        return (out * weight.float()).to(x.dtype)
 
     def _masked_norm(self, x: Tensor) -> Tensor:
         ctrl = self.elastic_ctrl

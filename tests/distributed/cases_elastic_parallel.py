@@ -49,7 +49,7 @@ SMALL = {
     "moe_ffn": 32,
 }
 BUDGETS = {"full": {}, **{axis: {axis: w} for axis, w in SMALL.items()}, "all": SMALL}
-NARROW = ("ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
+NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
 
 
 def layout(tp: int = 1, ep: int = 1):

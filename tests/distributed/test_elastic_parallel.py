@@ -32,7 +32,7 @@ BUDGETS = (
     "moe_ffn",
     "all",
 )
-NARROW = ("ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
+NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
 
 
 @pytest.fixture(scope="module")

@@ -157,10 +157,38 @@ def test_narrow_mixer_and_attention_compute_only_the_active_heads(world):
     assert attn.num_attention_heads_per_partition == 4 and mixer.headdim == 16  # restored
 
 
+def test_narrow_hidden_width_reaches_every_linear_on_the_residual_stream(world):
+    """With a narrow ``embedding`` every reader of the residual stream sees 96 channels."""
+    model = build(world)
+    ctrl = ElasticController(MODEL)
+    convert_to_elastic(model, ctrl)
+    readers = [
+        "decoder.layers.1.self_attention.linear_qkv",
+        "decoder.layers.3.mlp.router",
+        "decoder.layers.3.mlp.shared_experts.linear_fc1",
+        "decoder.layers.4.mlp.linear_fc1",
+        "decoder.final_norm",
+        "output_layer",
+    ]
+    seen: dict[str, int] = {}
+    for name in readers:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, a[0].shape[-1])
+        )
+    widths = {"embedding": 96}
+    with ctrl.at(widths, mode="masked"):
+        masked = logits(model)
+    assert set(seen.values()) == {128}
+    with ctrl.at(widths, mode="narrow"):
+        narrow = logits(model)
+    assert seen == dict.fromkeys(readers, 96)
+    assert (narrow - masked).abs().max().item() <= ATOL
+
+
 @pytest.mark.parametrize(
     "widths",
-    [{"mamba_heads": 4}, {"mamba_head_dim": 8}, {"attn_heads": 2}, SMALL],
-    ids=["mamba_heads", "mamba_head_dim", "attn_heads", "all"],
+    [{"mamba_heads": 4}, {"mamba_head_dim": 8}, {"attn_heads": 2}, {"embedding": 96}, SMALL],
+    ids=["mamba_heads", "mamba_head_dim", "attn_heads", "embedding", "all"],
 )
 def test_narrow_gradients_equal_masked_gradients(world, widths):
     """The backward pass of narrow compute fills the full parameters as masked compute does.
