@@ -157,6 +157,19 @@ def test_narrow_mixer_and_attention_compute_only_the_active_heads(world):
     assert attn.num_attention_heads_per_partition == 4 and mixer.headdim == 16  # restored
 
 
+def test_narrow_compute_with_tied_embeddings_equals_masked_compute(world):
+    """The output layer then reads the embedding's weight, handed in as ``weight=``."""
+    cfg = HybridModelConfig(tie_embeddings=True)
+    model = build(world, cfg)
+    ctrl = ElasticController(cfg)
+    convert_to_elastic(model, ctrl)
+    with ctrl.at(SMALL, mode="masked"):
+        masked = logits(model)
+    with ctrl.at(SMALL, mode="narrow"):
+        narrow = logits(model)
+    assert (narrow - masked).abs().max().item() <= ATOL
+
+
 def test_narrow_hidden_width_reaches_every_linear_on_the_residual_stream(world):
     """With a narrow ``embedding`` every reader of the residual stream sees 96 channels."""
     model = build(world)
