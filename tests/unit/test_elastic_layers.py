@@ -84,6 +84,23 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     return model(*batch())
 
 
+def elastic(world, cfg: HybridModelConfig = MODEL) -> tuple[torch.nn.Module, ElasticController]:
+    """A seeded model converted with a TP=1 controller (narrow needs the run's stripes)."""
+    model = build(world, cfg)
+    ctrl = ElasticController(cfg)
+    convert_to_elastic(model, ctrl)
+    return model, ctrl
+
+
+def masked_and_narrow(model: torch.nn.Module, ctrl: ElasticController, widths) -> tuple:
+    """The logits of ``model`` at ``widths`` in masked, then in narrow compute."""
+    with ctrl.at(widths, mode="masked"):
+        masked = logits(model)
+    with ctrl.at(widths, mode="narrow"):
+        narrow = logits(model)
+    return masked, narrow
+
+
 def test_convert_export_round_trip_leaves_plain_upstream_classes_and_same_state(world):
     model = build(world)
     classes = {name: type(m) for name, m in model.named_modules()}
@@ -127,30 +144,20 @@ def test_full_width_elastic_logits_equal_plain_logits_exactly(world):
 
 @pytest.mark.parametrize("widths", [*ALONE, SMALL], ids=[*SMALL, "all"])
 def test_narrow_compute_equals_masked_compute(world, widths):
-    model = build(world)
-    ctrl = ElasticController(MODEL)  # narrow needs the stripe layout of the run (TP=1)
-    convert_to_elastic(model, ctrl)
-    with ctrl.at(widths, mode="masked"):
-        masked = logits(model)
-    with ctrl.at(widths, mode="narrow"):
-        narrow = logits(model)
+    model, ctrl = elastic(world)
+    masked, narrow = masked_and_narrow(model, ctrl, widths)
     assert (narrow - masked).abs().max().item() <= ATOL
 
 
 def test_narrow_mixer_and_attention_compute_only_the_active_heads(world):
-    model = build(world)
-    ctrl = ElasticController(MODEL)
-    convert_to_elastic(model, ctrl)
+    model, ctrl = elastic(world)
     mixer = model.decoder.layers[0].mixer
     attn = model.decoder.layers[1].self_attention
     seen: dict[str, list[int]] = {"ssm": [], "attn": []}
     mixer.norm.register_forward_hook(lambda m, a, out: seen["ssm"].append(a[0].shape[-1]))
     attn.core_attention.register_forward_hook(lambda m, a, out: seen["attn"].append(out.shape[-1]))
     widths = {"mamba_heads": 4, "mamba_head_dim": 8, "attn_heads": 2}
-    with ctrl.at(widths, mode="masked"):
-        masked = logits(model)
-    with ctrl.at(widths, mode="narrow"):
-        narrow = logits(model)
+    masked, narrow = masked_and_narrow(model, ctrl, widths)
     assert seen["ssm"] == [8 * 16, 4 * 8]  # the SSM output: every channel, then the 4 x 8 active
     assert seen["attn"] == [4 * 32, 2 * 32]  # the heads' context: 4 heads, then the 2 active
     assert (narrow - masked).abs().max().item() <= ATOL
@@ -159,22 +166,14 @@ def test_narrow_mixer_and_attention_compute_only_the_active_heads(world):
 
 def test_narrow_compute_with_tied_embeddings_equals_masked_compute(world):
     """The output layer then reads the embedding's weight, handed in as ``weight=``."""
-    cfg = HybridModelConfig(tie_embeddings=True)
-    model = build(world, cfg)
-    ctrl = ElasticController(cfg)
-    convert_to_elastic(model, ctrl)
-    with ctrl.at(SMALL, mode="masked"):
-        masked = logits(model)
-    with ctrl.at(SMALL, mode="narrow"):
-        narrow = logits(model)
+    model, ctrl = elastic(world, HybridModelConfig(tie_embeddings=True))
+    masked, narrow = masked_and_narrow(model, ctrl, SMALL)
     assert (narrow - masked).abs().max().item() <= ATOL
 
 
 def test_narrow_hidden_width_reaches_every_linear_on_the_residual_stream(world):
     """With a narrow ``embedding`` every reader of the residual stream sees 96 channels."""
-    model = build(world)
-    ctrl = ElasticController(MODEL)
-    convert_to_elastic(model, ctrl)
+    model, ctrl = elastic(world)
     readers = [
         "decoder.layers.1.self_attention.linear_qkv",
         "decoder.layers.3.mlp.router",

@@ -29,7 +29,15 @@ from megatron_ext.elastic.slicing import (
     slice_model,
 )
 from megatron_ext.models.config import HybridModelConfig
-from tests.unit.test_elastic_layers import ALONE, MODEL, SMALL, build, logits, make_world
+from tests.unit.test_elastic_layers import (
+    ALONE,
+    MODEL,
+    SMALL,
+    build,
+    logits,
+    make_world,
+    masked_and_narrow,
+)
 
 ATOL = 1e-5
 
@@ -114,10 +122,7 @@ def test_gated_linear_unit_halves_are_sliced_and_narrowed_together(world):
     model = build(world, cfg, seed=5)
     ctrl = ElasticController(cfg)
     convert_to_elastic(model, ctrl)
-    with ctrl.at(SMALL, mode="masked"):
-        masked = logits(model)
-    with ctrl.at(SMALL, mode="narrow"):
-        narrow = logits(model)
+    masked, narrow = masked_and_narrow(model, ctrl, SMALL)
     config, state = slice_model(model, SMALL)
     sliced = logits(build_slice(config, state, pg_collection=world[1]).eval())
     assert (narrow - masked).abs().max().item() <= ATOL
