@@ -75,6 +75,25 @@ def logits(model, pgs) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def narrow_grad_gap(model, ctrl, widths) -> float:
+    """Max |narrow - masked| over this rank's gradients, relative to its largest masked one."""
+    model.train()
+    tokens, pos, mask = inputs()
+    grads: dict = {}
+    for mode in ("masked", "narrow"):
+        model.zero_grad(set_to_none=True)
+        with ctrl.at(widths, mode=mode):
+            model(tokens, pos, mask, labels=tokens).mean().backward()
+        grads[mode] = [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()
+        ]
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    scale = max(g.abs().max().item() for g in grads["masked"])
+    gaps = [(n - m).abs().max().item() for n, m in zip(grads["narrow"], grads["masked"])]
+    return max(gaps) / scale
+
+
 def fresh_dir(path: Path) -> Path:
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -128,6 +147,7 @@ def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) 
         if name in NARROW:
             with ctrl.at(widths, mode="narrow"):
                 result["narrow"][name] = (logits(model, pgs) - ref[name]).abs().max().item()
+    result["narrow_grad_gap"] = narrow_grad_gap(model, ctrl, BUDGETS["all"])
     # the TP=1 slice loads as a plain smaller model at this layout
     config = HybridModelConfig(**json.loads((work / "slice" / MODEL_CONFIG).read_text()))
     small = build_model(config, par, pgs).eval()

@@ -65,6 +65,16 @@ def test_elastic_narrow_logits_equal_tp1_masked(results, name):
 
 
 @pytest.mark.parametrize("name", ["tp2", "ep2"])
+def test_elastic_narrow_gradients_equal_masked_gradients_at_tp2_and_ep2(results, name):
+    """Every axis narrow at once (the ``all`` budget), backward through TP / SP / EP comms.
+
+    Relative to the largest gradient on the rank; rounding only, <= 1e-5 (as at TP=1).
+    """
+    gap = case(results, name)["narrow_grad_gap"]
+    assert 0 <= gap <= 1e-5, gap
+
+
+@pytest.mark.parametrize("name", ["tp2", "ep2"])
 def test_tp1_slice_loaded_at_another_layout_equals_elastic_logits(results, name):
     result = case(results, name)
     assert result["slice_vs_masked"] <= ATOL, result["slice_vs_masked"]
