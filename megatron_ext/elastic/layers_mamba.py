@@ -98,9 +98,12 @@ class ElasticMambaMixerMixin(ElasticMixin):
     def forward(
         self, hidden_states: Tensor, inference_context=None, *, inference_params=None, **kwargs
     ):
-        """Upstream's forward, or the narrow one at a narrow budget in a plain forward pass."""
+        """Upstream's forward, or the narrow one at narrow Mamba widths in a plain forward pass.
+
+        A narrow hidden width alone needs nothing here: ``in_proj`` and ``out_proj`` see it.
+        """
         ctrl = self.elastic_ctrl
-        narrow = any(ctrl.is_narrow(a) for a in ("mamba_heads", "mamba_head_dim", "embedding"))
+        narrow = ctrl.is_narrow("mamba_heads") or ctrl.is_narrow("mamba_head_dim")
         plain_call = inference_context is None and inference_params is None
         if narrow and plain_call and kwargs.get("packed_seq_params") is None:
             return self.elastic_narrow_forward(hidden_states)

@@ -175,6 +175,7 @@ def test_narrow_hidden_width_reaches_every_linear_on_the_residual_stream(world):
     """With a narrow ``embedding`` every reader of the residual stream sees 96 channels."""
     model, ctrl = elastic(world)
     readers = [
+        "decoder.layers.0.mixer.in_proj",
         "decoder.layers.1.self_attention.linear_qkv",
         "decoder.layers.3.mlp.router",
         "decoder.layers.3.mlp.shared_experts.linear_fc1",
