@@ -242,6 +242,11 @@ def main() -> None:
             dec["warm_ratio"],
         ),
         Ratio(
+            "4c",
+            "elastic checkpoint decoding at the slice's widths (narrow) ÷ the slice, tokens/s",
+            dec["elastic_narrow_over_slice"],
+        ),
+        Ratio(
             "5",
             "elastic checkpoint bytes ÷ parent checkpoint bytes",
             sizes["elastic_over_parent"],

@@ -14,7 +14,9 @@ alternates). Tokens/s is the batch size over the median step time.
 the slice is exactly as much faster as it is smaller. Interleaving per step also makes each
 model start its step with caches the other one filled; the warm variant (ratio 4b) lets each
 model take ``WARM_BLOCK`` steps in a row and does not time the first of them, as a server
-decoding one model would. A few more steps of each model are split by layer kind
+decoding one model would. The elastic checkpoint itself, decoding in narrow compute at the
+slice's widths, runs in the same interleaving (ratio 4c: its tokens/s over the slice's).
+A few more steps of each model are split by layer kind
 (``suite_profile``, medians): what keeps the slice from its share.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ from suite_profile import layer_kind_timer
 
 from megatron_ext.benchmark import block_schedule, synchronize
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
+from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.slicing import build_slice, slice_model
 from megatron_ext.generate.decode import CachedDecoder
 from megatron_ext.models.config import HybridModelConfig
@@ -38,20 +42,37 @@ PROFILED_STEPS = 17  # untimed steps split by layer kind (medians)
 WARM_BLOCK = 16  # steps per model back to back in the warm-cache variant (ratio 4b)
 
 
+class _ElasticAt:
+    """A cached decoder of the elastic model that runs every call at ``widths`` in ``mode``."""
+
+    def __init__(self, model: torch.nn.Module, ctrl: ElasticController, widths, mode: str):
+        self.decoder, self.ctrl, self.widths, self.mode = CachedDecoder(model), ctrl, widths, mode
+
+    def prefill(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """The wrapped decoder's prefill at the widths."""
+        with self.ctrl.at(self.widths, mode=self.mode):
+            return self.decoder.prefill(ids, new_tokens)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The wrapped decoder's step at the widths."""
+        with self.ctrl.at(self.widths, mode=self.mode):
+            return self.decoder.step(tokens)
+
+
 def _paired_steps(
-    models: dict[str, torch.nn.Module],
+    makers: dict[str, Callable[[], Any]],
     ids: torch.Tensor,
     new_tokens: int,
     times: dict[str, list[float]],
     block: int = 1,
 ) -> None:
-    """One greedy generation per model, decode steps interleaved; appends step seconds.
+    """One greedy generation per decoder, decode steps interleaved; appends step seconds.
 
-    ``block`` steps of one model run back to back before the other's (``block_schedule``).
+    ``block`` steps of one decoder run back to back before the next's (``block_schedule``).
     """
-    decoders = {name: CachedDecoder(model) for name, model in models.items()}
+    decoders = {name: make() for name, make in makers.items()}
     last = {name: d.prefill(ids, new_tokens).argmax(-1) for name, d in decoders.items()}
-    for name, timed in block_schedule(list(models), new_tokens - 1, block):
+    for name, timed in block_schedule(list(makers), new_tokens - 1, block):
         start = time.perf_counter()
         logits = decoders[name].step(last[name])
         synchronize(logits.device)
@@ -77,18 +98,26 @@ def decode_speed(
     small = build_slice(small_cfg, state, pg_collection=pgs).to(device).eval()
     parent = parent.to(device).eval()
     models = {"full": parent, "slice": small}
+    elastic = build_slice(cfg, parent.state_dict(), pg_collection=pgs).to(device).eval()
+    ctrl = ElasticController(cfg, StripeLayout(), mode="narrow")
+    convert_to_elastic(elastic, ctrl)
+    makers: dict[str, Callable[[], Any]] = {
+        "full": lambda: CachedDecoder(parent),
+        "slice": lambda: CachedDecoder(small),
+        "elastic_narrow": lambda: _ElasticAt(elastic, ctrl, widths, "narrow"),
+    }
     active = {
         "full": count_parameters(parent, cfg, pgs).active,
         "slice": count_parameters(small, small_cfg, pgs).active,
     }
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=gen).to(device)
-    _paired_steps(models, ids, 4, {name: [] for name in models})  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in models}
-    warm: dict[str, list[float]] = {name: [] for name in models}
+    _paired_steps(makers, ids, 4, {name: [] for name in makers})  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    warm: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(reps):
-        _paired_steps(models, ids, new_tokens, times)
-        _paired_steps(models, ids, new_tokens, warm, WARM_BLOCK)
+        _paired_steps(makers, ids, new_tokens, times)
+        _paired_steps(makers, ids, new_tokens, warm, WARM_BLOCK)
     kinds = {}
     for name, model in models.items():
         pattern = cfg.pattern if name == "full" else small_cfg.pattern
@@ -123,5 +152,8 @@ def decode_speed(
         "warm_block_steps": WARM_BLOCK,
         "warm_speedup": warm_step["full"] / warm_step["slice"],
         "warm_ratio": warm_step["full"] / warm_step["slice"] / size,
+        "elastic_narrow_tokens_per_s": batch / step["elastic_narrow"],
+        "elastic_narrow_over_slice": step["slice"] / step["elastic_narrow"],
+        "elastic_narrow_over_slice_warm": warm_step["slice"] / warm_step["elastic_narrow"],
         "step_seconds_by_layer_kind": kinds,
     }

@@ -86,7 +86,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{dec['speedup']:.2f}x faster ({dec['full_tokens_per_s']:.0f} → "
         f"{dec['slice_tokens_per_s']:.0f} tokens/s) for {dec['size_ratio']:.2f}x fewer active "
         f"params; {dec['warm_speedup']:.2f}x when each model decodes {dec['warm_block_steps']} "
-        "steps in a row (4b).",
+        "steps in a row (4b). The elastic checkpoint decoding in narrow compute at the slice's "
+        f"widths: {dec['elastic_narrow_tokens_per_s']:.0f} tokens/s (4c; "
+        f"{dec['elastic_narrow_over_slice_warm']:.2f} of the slice with warm caches).",
         "",
         *_kind_table("model", dec["step_seconds_by_layer_kind"], 1e3),
         "",

@@ -10,10 +10,11 @@ the group's key and value rows, in upstream's interleaved order), the core atten
 that many heads, and ``linear_proj`` reads only their input columns. Every group keeps the
 same number of heads, so upstream's query-to-key/value grouping holds.
 
-Narrow compute falls back to masked compute where upstream's layout or kernels would not
-follow the head count: inference (KV caches of the full width), gated attention output,
-fewer query groups than TP ranks, and core attention other than megatron's local
-``DotProductAttention``.
+Decoding with a static inference context runs narrow too: the KV cache holds one key and
+value per query group, which the axis leaves whole. Narrow compute falls back to masked
+compute where upstream's layout or kernels would not follow the head count: dynamic
+batching and flash decoding, gated attention output, fewer query groups than TP ranks, and
+core attention other than megatron's local ``DotProductAttention``.
 """
 
 from __future__ import annotations
@@ -89,11 +90,11 @@ class ElasticSelfAttentionMixin(ElasticMixin):
         """Whether this call can run narrow (see the module docstring for when it cannot)."""
         attn: Any = self
         config = attn.config
+        context = kwargs.get("inference_context") or kwargs.get("inference_params")
         return (
             self.elastic_ctrl.is_narrow("attn_heads")
             and len(args) <= 1  # (attention_mask,): everything else by keyword, as upstream
-            and kwargs.get("inference_context") is None
-            and kwargs.get("inference_params") is None
+            and (context is None or (context.is_static_batching() and not config.flash_decode))
             and not getattr(config, "attention_output_gate", False)
             and config.num_query_groups >= attn.world_size
             and type(attn.core_attention) is DotProductAttention

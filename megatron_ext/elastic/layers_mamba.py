@@ -24,7 +24,10 @@ gradient lands in the full parameters. With a narrow hidden width ``in_proj`` re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -88,61 +91,102 @@ class ElasticMambaMixerMixin(ElasticMixin):
     """The Mamba mixer; in narrow mode it computes only the active heads and head channels.
 
     Setting: ``elastic_heads``, the shard of Mamba heads this rank holds (the mixer's TP
-    group). Masked mode, inference (decoding keeps per-head state caches of the full width)
-    and packed sequences run upstream's forward; the masking is then the norm's.
+    group). A narrow call runs upstream's forward while the mixer's head counts, head dim and
+    context-parallel helper are narrow and its ``in_proj``, ``conv1d``, ``A_log``, ``dt_bias``,
+    ``D`` and ``out_proj`` read as narrow views (ModelOpt's dynamic attributes: looked up
+    through ``__getattr__`` for the length of the call). That covers training, prefill and
+    one-token decoding with a static inference context: the conv and SSM state caches are
+    allocated at the narrow size. Dynamic batching and packed sequences run upstream's full
+    forward, masked by the norm.
     """
 
     elastic_fields = ("elastic_heads",)
     elastic_heads: Shard
 
+    def __getattr__(self, name: str):
+        views = self.__dict__.get("elastic_views")
+        if views is not None and name in views:
+            return views[name]
+        return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
+
     def forward(
         self, hidden_states: Tensor, inference_context=None, *, inference_params=None, **kwargs
     ):
-        """Upstream's forward, or the narrow one at narrow Mamba widths in a plain forward pass.
+        """Upstream's forward, narrow at narrow Mamba widths (see the class docstring).
 
         A narrow hidden width alone needs nothing here: ``in_proj`` and ``out_proj`` see it.
         """
         ctrl = self.elastic_ctrl
         narrow = ctrl.is_narrow("mamba_heads") or ctrl.is_narrow("mamba_head_dim")
-        plain_call = inference_context is None and inference_params is None
-        if narrow and plain_call and kwargs.get("packed_seq_params") is None:
-            return self.elastic_narrow_forward(hidden_states)
-        return self.elastic_upstream.forward(
-            self, hidden_states, inference_context, inference_params=inference_params, **kwargs
-        )
+        context = inference_context if inference_context is not None else inference_params
+        dynamic = context is not None and context.is_dynamic_batching()
+        if not narrow or dynamic or kwargs.get("packed_seq_params") is not None:
+            return self.elastic_upstream.forward(
+                self, hidden_states, inference_context, inference_params=inference_params, **kwargs
+            )
+        with self.elastic_narrow_views(hidden_states.device):
+            return self.elastic_upstream.forward(
+                self, hidden_states, inference_context, inference_params=inference_params, **kwargs
+            )
 
-    def elastic_narrow_forward(self, hidden_states: Tensor):
-        """``in_proj`` rows, upstream's SSM and norm, and ``out_proj`` columns of the active set."""
+    @contextmanager
+    def elastic_narrow_views(self, device) -> Iterator[None]:
+        """For the block: the mixer's sizes, helper, parameters and projections, narrowed."""
         mixer: Any = self
-        act = mamba_active(self.elastic_ctrl, self.elastic_heads, hidden_states.device)
+        ctrl = self.elastic_ctrl
+        act = mamba_active(ctrl, self.elastic_heads, device)
         d, gn = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state
         bc = torch.arange(2 * gn, device=act.channels.device)
         rows = torch.cat([act.channels, d + act.channels, 2 * d + bc, 2 * d + 2 * gn + act.heads])
-        proj = mixer.in_proj
-        bias = None if proj.bias is None else proj.bias.index_select(0, rows)
-        weight = hidden_cols(self.elastic_ctrl, hidden_states, proj.weight.index_select(0, rows))
-        zxbcdt, _ = column_linear_on(proj, hidden_states, weight, bias)
-        channels = act.channels
+        conv = _ConvView(mixer.conv1d, torch.cat([act.channels, d + bc]))
         heads = act.heads
+        views = {
+            "in_proj": _RowsView(ctrl, mixer.in_proj, rows),
+            "conv1d": conv,
+            "A_log": mixer.A_log.index_select(0, heads),
+            "dt_bias": mixer.dt_bias.index_select(0, heads),
+            "D": mixer.D.index_select(0, act.channels if mixer.D_has_hdim else heads),
+            "out_proj": partial(mixer.out_proj.elastic_columns_forward, cols=act.channels),
+        }
         cp = MambaContextParallel(
             cp_group=mixer.cp.cp_group,
-            d_inner_local_tp=channels.numel(),
+            d_inner_local_tp=act.channels.numel(),
             nheads_local_tp=heads.numel(),
             ngroups_local_tp=mixer.ngroups_local_tp,
             d_state=mixer.d_state,
-            conv1d_cp1=_ConvView(mixer.conv1d, torch.cat([channels, d + bc])),  # type: ignore[arg-type]
-            dt_bias_cp1=mixer.dt_bias.index_select(0, heads),
-            A_log_cp1=mixer.A_log.index_select(0, heads),
-            D_cp1=mixer.D.index_select(0, channels if mixer.D_has_hdim else heads),
+            conv1d_cp1=conv,  # type: ignore[arg-type]
+            dt_bias_cp1=views["dt_bias"],
+            A_log_cp1=views["A_log"],
+            D_cp1=views["D"],
             D_has_hdim=mixer.D_has_hdim,
         )
-        saved = mixer.cp, mixer.headdim
-        mixer.cp, mixer.headdim = cp, act.dims.numel()
+        sizes = {
+            "cp": cp,
+            "headdim": act.dims.numel(),
+            "d_inner_local_tp": act.channels.numel(),
+            "nheads_local_tp": heads.numel(),
+        }
+        saved = {name: getattr(mixer, name) for name in sizes}
+        self.__dict__.update(sizes, elastic_views=views)
         try:
-            y = self.elastic_upstream._ssm_prefill(mixer, zxbcdt, conv_state=None, ssm_state=None)
+            yield
         finally:
-            mixer.cp, mixer.headdim = saved
-        return mixer.out_proj.elastic_columns_forward(y, channels)
+            self.__dict__.pop("elastic_views", None)
+            self.__dict__.update(saved)
+
+
+class _RowsView:
+    """A column-parallel linear restricted to output ``rows`` (and the active hidden columns)."""
+
+    def __init__(self, ctrl: ElasticController, layer: Any, rows: Tensor) -> None:
+        self.ctrl, self.layer, self.rows = ctrl, layer, rows
+        self.weight = layer.weight.index_select(0, rows)
+        self.bias = None if layer.bias is None else layer.bias.index_select(0, rows)
+
+    def __call__(self, x: Tensor):
+        """``(output, bias)`` like the layer's own forward."""
+        weight = hidden_cols(self.ctrl, x, self.weight)
+        return column_linear_on(self.layer, x, weight, self.bias)
 
 
 class ElasticGatedNormMixin(ElasticMixin):

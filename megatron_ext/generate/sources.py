@@ -1,7 +1,8 @@
 """Where the budgets' models come from: one elastic checkpoint, or one slice per budget.
 
 * :class:`ElasticBudgets`: the elastic model, loaded once; the controller sets a budget's
-  widths (masked compute) for as long as a decoder of that budget is in use.
+  widths (``elastic.compute``: masked, or narrow, where a small budget decodes faster) for
+  as long as a decoder of that budget is in use.
 * :class:`SliceBudgets`: standalone smaller models (``star-elastic slice``), one per budget.
 
 Both hand out a fresh :class:`~megatron_ext.generate.decode.CachedDecoder` per use.
@@ -31,10 +32,12 @@ class ElasticBudgets:
         model: nn.Module,
         controller: ElasticController,
         widths: Mapping[str, Mapping[str, int]],
+        mode: str = "masked",
     ) -> None:
         self.model = model.eval()
         self.controller = controller
         self.widths = {name: dict(w) for name, w in widths.items()}
+        self.mode = mode
 
     @property
     def names(self) -> list[str]:
@@ -43,11 +46,11 @@ class ElasticBudgets:
 
     @contextmanager
     def decoder(self, budget: str) -> Iterator[CachedDecoder]:
-        """A decoder of the elastic model at ``budget``'s widths (masked), for the block."""
+        """A decoder of the elastic model at ``budget``'s widths (in ``mode``), for the block."""
         if budget not in self.widths:
             raise ConfigError(f"generation: no budget {budget!r}; known: {self.names}")
         self.controller.set_gates(None)
-        with self.controller.at(self.widths[budget], mode="masked"):
+        with self.controller.at(self.widths[budget], mode=self.mode):
             yield CachedDecoder(self.model)
 
 
@@ -131,6 +134,7 @@ def open_budgets(
     missing = [name for name in budgets if name not in every]
     if missing:
         raise ConfigError(f"generation: budgets {missing} are not in elastic.budgets {list(every)}")
-    controller = ElasticController(model_cfg, stripes=stripes, mode="masked")
+    controller = ElasticController(model_cfg, stripes=stripes, mode=elastic.compute)
     convert_to_elastic(model, controller)
-    return ElasticBudgets(model, controller, {name: every[name] for name in budgets})
+    widths = {name: every[name] for name in budgets}
+    return ElasticBudgets(model, controller, widths, mode=elastic.compute)

@@ -95,21 +95,30 @@ def test_cached_decoder_refuses_a_model_in_training_mode(world):
         CachedDecoder(model)
 
 
-def test_elastic_masked_decoding_equals_the_slice_token_for_token(world):
+@pytest.mark.parametrize("mode", ["masked", "narrow"])
+def test_elastic_decoding_equals_the_slice_token_for_token(world, mode):
     model = build(world, seed=5)
     ctrl = ElasticController(MODEL)
     convert_to_elastic(model, ctrl)
     config, state = slice_model(model, SMALL)
     small = build_slice(config, state, pg_collection=world[1]).eval()
-    elastic = ElasticBudgets(model, ctrl, {"S": SMALL})
+    elastic = ElasticBudgets(model, ctrl, {"S": SMALL}, mode=mode)
+    core = model.decoder.layers[1].self_attention.core_attention
+    widths: set[int] = set()
+    core.register_forward_hook(lambda m, a, out: widths.add(out.shape[-1]))
     prompt = prompts(21)
     kwargs = dict(vocab_size=TOKENIZER.vocab_size, record_logits=True)
     with elastic.decoder("S") as decoder:
-        masked = generate(decoder, prompt, 10, Sampler(), **kwargs)
+        out = generate(decoder, prompt, 10, Sampler(), **kwargs)
+        caches = decoder.context.key_value_memory_dict  # type: ignore[attr-defined]
     with SliceBudgets({"S": small}).decoder("S") as decoder:
         sliced = generate(decoder, prompt, 10, Sampler(), **kwargs)
-    _compare(masked, sliced)
+    _compare(out, sliced)
     assert ctrl.is_full("embedding")  # the budget's widths apply inside the block only
+    # Mamba layer 1's SSM state: (batch, heads, head dim, state); narrow keeps the 4 x 8 active
+    heads_and_dim = tuple(caches[1][1].shape[1:3])
+    assert heads_and_dim == ((4, 8) if mode == "narrow" else (8, 16))
+    assert widths == {(2 if mode == "narrow" else 4) * 32}  # attention heads, prefill and steps
 
 
 # ---- sampling ------------------------------------------------------------------------------
