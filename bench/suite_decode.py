@@ -100,6 +100,7 @@ def decode_speed(
     models = {"full": parent, "slice": small}
     elastic = build_slice(cfg, parent.state_dict(), pg_collection=pgs).to(device).eval()
     ctrl = ElasticController(cfg, StripeLayout(), mode="narrow")
+    ctrl.keep_narrow_weights = True  # as generation's ElasticBudgets serves a budget
     convert_to_elastic(elastic, ctrl)
     makers: dict[str, Callable[[], Any]] = {
         "full": lambda: CachedDecoder(parent),

@@ -143,6 +143,8 @@ class ElasticController:
         self.soft: dict[str, tuple[Tensor, list[int]]] = {}
         self.mode = "masked"
         self.set_mode(mode)
+        # serving: keep the narrowed weights of each budget between calls (see ``frozen``)
+        self.keep_narrow_weights = False
         if widths:
             self.set_widths(widths)
 
@@ -311,6 +313,25 @@ class ElasticController:
             hit = build()
             self._cache[full_key] = hit
         return hit  # type: ignore[return-value]
+
+    def frozen(self, owner: object, tag: str, params: Sequence[Tensor | None], build):
+        """``build()``: narrowed copies of ``params``, reused while they and the widths stay.
+
+        Only with :attr:`keep_narrow_weights` on and gradients off (serving a budget): one
+        decoding step after another then reads the same narrowed weights instead of gathering
+        them again. A parameter updated in place (its version counter moves) or other widths
+        make a new copy; one copy is kept per (module, tag, widths).
+        """
+        if not self.keep_narrow_weights or torch.is_grad_enabled():
+            return build()
+        key = ("frozen", id(owner), tag, tuple(sorted(self.widths.items())))
+        versions = tuple(None if p is None else p._version for p in params)
+        hit = self._cache.get(key)
+        if isinstance(hit, tuple) and hit[0] == versions:
+            return hit[1]
+        value = build()
+        self._cache[key] = (versions, value)
+        return value
 
     def local_prefix_len(self, axis: str, shard: Shard = WHOLE) -> int:
         """Active positions of this shard of ``axis``; they must be the shard's leading ones.

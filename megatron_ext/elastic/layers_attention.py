@@ -70,11 +70,17 @@ class ElasticQKVLinearMixin(ElasticMixin):
         layer: Any = self
         if rows is None and x.shape[-1] == layer.weight.shape[1]:
             return self.elastic_upstream.forward(self, x, *args, **kwargs)
-        weight, bias = layer.weight, layer.bias
-        if rows is not None:
-            weight = weight.index_select(0, rows)
-            bias = None if bias is None else bias.index_select(0, rows)
-        return column_linear_on(self, x, hidden_cols(self.elastic_ctrl, x, weight), bias)
+        ctrl = self.elastic_ctrl
+
+        def narrow() -> tuple[Tensor, Tensor | None]:
+            weight, bias = layer.weight, layer.bias
+            if rows is not None:
+                weight = weight.index_select(0, rows)
+                bias = None if bias is None else bias.index_select(0, rows)
+            return hidden_cols(ctrl, x, weight), bias
+
+        weight, bias = ctrl.frozen(self, "qkv", (layer.weight, layer.bias), narrow)
+        return column_linear_on(self, x, weight, bias)
 
 
 class ElasticSelfAttentionMixin(ElasticMixin):

@@ -86,12 +86,12 @@ class ElasticRowLinearMixin(ElasticMixin):
         narrow_out = ctrl.is_narrow("embedding")
         if site is not None and ctrl.is_narrow(site[0]) and narrow_in:
             x = ctrl.apply_gate(x, *site)
-            out, bias = row_linear_on(self, x, *self._rows(self._narrow_cols(x)))
+            out, bias = row_linear_on(self, x, *self._weights("in", lambda: self._narrow_cols(x)))
         else:
             if site is not None:
                 x = ctrl.mask_last_dim(x, *site)
             if narrow_out:
-                out, bias = row_linear_on(self, x, *self._rows(self.weight))  # type: ignore[attr-defined]
+                out, bias = row_linear_on(self, x, *self._weights("out", lambda: self.weight))  # type: ignore[attr-defined]
             else:
                 out, bias = self.elastic_upstream.forward(self, x, *args, **kwargs)
         return self._mask_output(out, bias)
@@ -103,6 +103,12 @@ class ElasticRowLinearMixin(ElasticMixin):
             if bias is not None:
                 bias = ctrl.mask_last_dim(bias, "embedding")
         return out, bias
+
+    def _weights(self, tag: str, cols) -> tuple[Tensor, Tensor | None]:
+        """``_rows(cols())``, kept between calls while serving (``ElasticController.frozen``)."""
+        layer: Any = self
+        params = (layer.weight, layer.bias)
+        return self.elastic_ctrl.frozen(self, tag, params, lambda: self._rows(cols()))
 
     def _rows(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         """``weight`` and the bias, restricted to the active hidden rows when those are narrow."""
@@ -138,8 +144,8 @@ class ElasticRowLinearMixin(ElasticMixin):
 
         The output is masked (or narrowed) on the hidden channels as :meth:`forward` does.
         """
-        weight = self.weight.index_select(1, cols)  # type: ignore[attr-defined]
-        return self._mask_output(*row_linear_on(self, x, *self._rows(weight)))
+        weights = self._weights("cols", lambda: self.weight.index_select(1, cols))  # type: ignore[attr-defined]
+        return self._mask_output(*row_linear_on(self, x, *weights))
 
 
 def row_linear_on(layer: object, x: Tensor, weight: Tensor, bias: Tensor | None) -> Out:
@@ -228,14 +234,21 @@ class ElasticColumnLinearMixin(ElasticMixin):
             if weight is not None:
                 kwargs["weight"] = weight
             return self.elastic_upstream.forward(self, x, **kwargs)
-        bias = layer.bias
+        gather = bool(kwargs.get("runtime_gather_output"))
+        weight, bias = self.elastic_ctrl.frozen(
+            self, "narrow", (full, layer.bias), lambda: self._narrow(x, full, narrow_rows)
+        )
+        return column_linear_on(self, x, weight, bias, gather)
+
+    def _narrow(self, x: Tensor, full: Tensor, narrow_rows: bool) -> tuple[Tensor, Tensor | None]:
+        """The active rows (narrow output axis) and hidden columns (narrow input) of the weight."""
+        bias = self.bias  # type: ignore[attr-defined]
         if narrow_rows:
-            assert rows is not None
-            k = self.elastic_ctrl.local_prefix_len(*rows)
+            assert self.elastic_rows is not None
+            k = self.elastic_ctrl.local_prefix_len(*self.elastic_rows)
             full = self._narrow_rows(full, k)
             bias = None if bias is None else self._narrow_rows(bias, k)
-        gather = bool(kwargs.get("runtime_gather_output"))
-        return column_linear_on(self, x, hidden_cols(self.elastic_ctrl, x, full), bias, gather)
+        return hidden_cols(self.elastic_ctrl, x, full), bias
 
     def _narrow_rows(self, t: Tensor, k: int) -> Tensor:
         if not self.elastic_glu:

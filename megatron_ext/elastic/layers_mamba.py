@@ -138,16 +138,30 @@ class ElasticMambaMixerMixin(ElasticMixin):
         d, gn = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state
         bc = torch.arange(2 * gn, device=act.channels.device)
         rows = torch.cat([act.channels, d + act.channels, 2 * d + bc, 2 * d + 2 * gn + act.heads])
-        conv = _ConvView(mixer.conv1d, torch.cat([act.channels, d + bc]))
+        params = (
+            mixer.in_proj.weight,
+            mixer.in_proj.bias,
+            mixer.conv1d.weight,
+            mixer.conv1d.bias,
+            mixer.A_log,
+            mixer.dt_bias,
+            mixer.D,
+        )
+
+        def build() -> dict[str, Any]:
+            heads = act.heads
+            return {
+                "in_proj": _RowsView(ctrl, mixer.in_proj, rows),
+                "conv1d": _ConvView(mixer.conv1d, torch.cat([act.channels, d + bc])),
+                "A_log": mixer.A_log.index_select(0, heads),
+                "dt_bias": mixer.dt_bias.index_select(0, heads),
+                "D": mixer.D.index_select(0, act.channels if mixer.D_has_hdim else heads),
+                "out_proj": partial(mixer.out_proj.elastic_columns_forward, cols=act.channels),
+            }
+
+        views = ctrl.frozen(self, "views", params, build)
         heads = act.heads
-        views = {
-            "in_proj": _RowsView(ctrl, mixer.in_proj, rows),
-            "conv1d": conv,
-            "A_log": mixer.A_log.index_select(0, heads),
-            "dt_bias": mixer.dt_bias.index_select(0, heads),
-            "D": mixer.D.index_select(0, act.channels if mixer.D_has_hdim else heads),
-            "out_proj": partial(mixer.out_proj.elastic_columns_forward, cols=act.channels),
-        }
+        conv = views["conv1d"]
         cp = MambaContextParallel(
             cp_group=mixer.cp.cp_group,
             d_inner_local_tp=act.channels.numel(),
@@ -179,13 +193,18 @@ class _RowsView:
     """A column-parallel linear restricted to output ``rows`` (and the active hidden columns)."""
 
     def __init__(self, ctrl: ElasticController, layer: Any, rows: Tensor) -> None:
-        self.ctrl, self.layer, self.rows = ctrl, layer, rows
+        self.ctrl, self.layer = ctrl, layer
         self.weight = layer.weight.index_select(0, rows)
         self.bias = None if layer.bias is None else layer.bias.index_select(0, rows)
+        self.narrow: dict[int, Tensor] = {}  # the weight by input width
 
     def __call__(self, x: Tensor):
         """``(output, bias)`` like the layer's own forward."""
-        weight = hidden_cols(self.ctrl, x, self.weight)
+        weight = self.narrow.get(x.shape[-1])
+        if weight is None:
+            weight = hidden_cols(self.ctrl, x, self.weight)
+            if not torch.is_grad_enabled():
+                self.narrow[x.shape[-1]] = weight
         return column_linear_on(self.layer, x, weight, self.bias)
 
 

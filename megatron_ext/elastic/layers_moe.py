@@ -36,7 +36,9 @@ class ElasticRouterMixin(ElasticMixin):
         ctrl = self.elastic_ctrl
         router: Any = self
         if input.shape[-1] != router.weight.shape[1]:
-            weight = hidden_cols(ctrl, input, router.weight)
+            weight = ctrl.frozen(
+                self, "gating", (router.weight,), lambda: hidden_cols(ctrl, input, router.weight)
+            )
             dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
                 router.config.moe_router_dtype, input.dtype
             )

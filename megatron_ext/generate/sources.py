@@ -38,6 +38,8 @@ class ElasticBudgets:
         self.controller = controller
         self.widths = {name: dict(w) for name, w in widths.items()}
         self.mode = mode
+        # serving: each budget's narrowed weights are gathered once, not at every step
+        controller.keep_narrow_weights = mode == "narrow"
 
     @property
     def names(self) -> list[str]:

@@ -171,6 +171,24 @@ def test_narrow_compute_with_tied_embeddings_equals_masked_compute(world):
     assert (narrow - masked).abs().max().item() <= ATOL
 
 
+def test_kept_narrow_weights_are_reused_and_follow_in_place_updates(world):
+    """Serving keeps each budget's narrowed weights; a weight update must not go stale."""
+    model, ctrl = elastic(world)
+    ctrl.keep_narrow_weights = True
+    masked, narrow = masked_and_narrow(model, ctrl, SMALL)
+    kept = sum(1 for key in ctrl._cache if key[0] == "frozen")
+    assert kept > 0 and (narrow - masked).abs().max().item() <= ATOL
+    with ctrl.at(SMALL, mode="narrow"):
+        assert torch.equal(logits(model), narrow)
+    assert sum(1 for key in ctrl._cache if key[0] == "frozen") == kept  # reused, not regathered
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    masked2, narrow2 = masked_and_narrow(model, ctrl, SMALL)
+    assert (narrow2 - masked2).abs().max().item() <= ATOL
+    assert not torch.allclose(narrow2, narrow, atol=1e-3)
+
+
 def test_narrow_hidden_width_reaches_every_linear_on_the_residual_stream(world):
     """With a narrow ``embedding`` every reader of the residual stream sees 96 channels."""
     model, ctrl = elastic(world)
