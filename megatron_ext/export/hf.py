@@ -172,7 +172,8 @@ def check_hf_compatible(cfg: HybridModelConfig) -> None:
         )
 
 
-def _conv_kernel(state: dict[str, Any]) -> int:
+def conv_kernel(state: dict[str, Any]) -> int:
+    """The Mamba conv kernel width of a megatron ``state`` (4 when it has no Mamba layer)."""
     for key, value in state.items():
         if key.endswith("mixer.conv1d.weight"):
             return int(value.shape[-1])
@@ -488,8 +489,22 @@ def save_hf(
     Also writes the project's ``model_config.json`` (for an exact :func:`load_hf`) and the
     tokenizer files. ``directory`` is replaced if it exists.
     """
-    config = hf_config(cfg, tokenizer, _conv_kernel(state))
-    tensors = megatron_to_hf(state, cfg)
+    config = hf_config(cfg, tokenizer, conv_kernel(state))
+    return write_hf_dir(
+        directory, megatron_to_hf(state, cfg), config, cfg, tokenizer, max_shard_bytes
+    )
+
+
+def write_hf_dir(
+    directory: str | Path,
+    tensors: dict[str, Tensor],
+    config: dict[str, Any],
+    cfg: HybridModelConfig,
+    tokenizer: Tokenizer | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Replace ``directory`` with ``tensors`` (safetensors), ``config`` (``config.json``),
+    the project's ``model_config.json`` and the tokenizer files."""
     directory = Path(directory)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -576,5 +591,6 @@ __all__ = [
     "model_config_from_hf",
     "read_safetensors",
     "save_hf",
+    "write_hf_dir",
     "split_qkv",
 ]

@@ -28,7 +28,6 @@ logits as the quantized slice it was exported from (``tests/export/test_quant_ex
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from megatron_ext.export import ExportError, ExportResult
 from megatron_ext.export.hf import (
     CONFIG_FILE,
     check_hf_compatible,
+    conv_kernel,
     hf_config,
     hf_names,
     hf_to_megatron,
@@ -48,14 +48,12 @@ from megatron_ext.export.hf import (
     model_config_from_hf,
     read_safetensors,
     split_qkv,
-    write_safetensors,
+    write_hf_dir,
 )
-from megatron_ext.export.tokenizer import write_hf_tokenizer
 from megatron_ext.models.config import (
     MODEL_CONFIG_FILE,
     HybridModelConfig,
     load_model_config,
-    save_model_config,
 )
 from megatron_ext.quant.formats import NVFP4_BLOCK, QTensor, quantize
 from megatron_ext.quant.numerics import pack_e2m1, unpack_e2m1
@@ -150,20 +148,12 @@ def save_quantized_hf(
     tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a sliced, quantized model as a quantized Nemotron-H checkpoint in ``directory``."""
-    tensors = quantized_hf_tensors(cfg, state, qstate)
-    kernel = next((int(v.shape[-1]) for k, v in state.items() if k.endswith("conv1d.weight")), 4)
-    config = hf_config(cfg, tokenizer, kernel)
-    directory = Path(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    write_safetensors(tensors, directory)
-    save_model_config(cfg, directory)
-    if tokenizer is not None:
-        write_hf_tokenizer(tokenizer, directory, cfg.max_sequence_length)
+    config = hf_config(cfg, tokenizer, conv_kernel(state))
     quant = quant_config_json(cfg, qstate)
-    (directory / HF_QUANT_CONFIG).write_text(json.dumps(quant, indent=1) + "\n")
     config["quantization_config"] = {"quant_method": "modelopt", **quant["quantization"]}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    tensors = quantized_hf_tensors(cfg, state, qstate)
+    directory = write_hf_dir(directory, tensors, config, cfg, tokenizer)
+    (directory / HF_QUANT_CONFIG).write_text(json.dumps(quant, indent=1) + "\n")
     (directory / "quant_state.json").write_text(json.dumps(qstate, indent=1) + "\n")
     return directory
 
