@@ -10,8 +10,6 @@ repetitions, median reported. Writes bench/slice_write.json.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -21,10 +19,12 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
+from suite_io import copy_tree, tree_bytes  # noqa: E402
+from suite_models import bench_model  # noqa: E402
+
 from megatron_ext.elastic.controller import ElasticController, StripeLayout  # noqa: E402
 from megatron_ext.elastic.slicing import save_slice  # noqa: E402
 from megatron_ext.models.builder import build_model  # noqa: E402
-from megatron_ext.models.config import HybridModelConfig  # noqa: E402
 from megatron_ext.models.params import count_parameters  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 
@@ -32,34 +32,15 @@ HERE = Path(__file__).resolve().parent
 REPS = 3
 
 
-def _copy(src: Path, dst: Path, fsync: bool) -> float:
+def _timed_copy(src: Path, dst: Path, fsync: bool) -> float:
     t0 = time.perf_counter()
-    shutil.copytree(src, dst)
-    if fsync:
-        for f in dst.rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+    copy_tree(src, dst, fsync)
     return time.perf_counter() - t0
 
 
 def main() -> None:
     hidden = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
-    cfg = HybridModelConfig(
-        name=f"bench_h{hidden}",
-        hidden_size=hidden,
-        ffn_hidden_size=4 * hidden,
-        num_attention_heads=hidden // 64,
-        num_query_groups=2,
-        kv_channels=64,
-        mamba_num_heads=hidden // 32,
-        mamba_head_dim=64,
-        mamba_num_groups=2,
-        mamba_state_dim=64,
-        moe_ffn_hidden_size=hidden,
-        moe_shared_expert_ffn_hidden_size=2 * hidden,
-    )
+    cfg = bench_model(hidden)
     widths = {
         "embedding": hidden // 2,
         "ffn": 2 * hidden,
@@ -78,9 +59,9 @@ def main() -> None:
             t0 = time.perf_counter()
             path = save_slice(model, widths, out, pgs, controller=ctrl)
             writes.append(time.perf_counter() - t0)
-            copies.append(_copy(path, Path(tmp) / f"c{rep}", fsync=False))
-            synced.append(_copy(path, Path(tmp) / f"f{rep}", fsync=True))
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            copies.append(_timed_copy(path, Path(tmp) / f"c{rep}", fsync=False))
+            synced.append(_timed_copy(path, Path(tmp) / f"f{rep}", fsync=True))
+        size = tree_bytes(path)
     w, c, f = (statistics.median(x) for x in (writes, copies, synced))
     result = {
         "model": cfg.name,

@@ -36,7 +36,8 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _copy(src: Path, dst: Path, fsync: bool) -> None:
+def copy_tree(src: Path, dst: Path, fsync: bool) -> None:
+    """Copy the tree ``src`` to ``dst``; with ``fsync``, flush every copied file to disk."""
     shutil.copytree(src, dst)
     if fsync:
         for f in dst.rglob("*"):
@@ -70,7 +71,7 @@ def slice_write(
     def copier(fsync: bool):
         def run() -> None:
             counter["n"] += 1
-            _copy(last["path"], work / f"copy{counter['n']}", fsync)
+            copy_tree(last["path"], work / f"copy{counter['n']}", fsync)
 
         return run
 
