@@ -45,33 +45,14 @@ def budget_rows(figures: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 def plot_quant_budgets(
     figures: Mapping[str, Mapping[str, Any]], path: str | Path, title: str
 ) -> Path:
-    """PNG: held-out loss per budget, one bar each for unquantized, PTQ and QAD."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG: held-out loss per budget, one bar each for unquantized, PTQ and QAD (those every
+    budget has), drawn by :func:`megatron_ext.report.plots.plot_quantization`."""
+    from megatron_ext.report.plots import plot_quantization
 
     names = list(figures)
-    series = [("ref_loss", "unquantized"), ("ptq_loss", "PTQ"), ("qad_loss", "QAD")]
-    series = [
-        (k, label) for k, label in series if all(figures[n].get(k) is not None for n in names)
-    ]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    width = 0.8 / max(1, len(series))
-    for i, (key, label) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [float(figures[n][key]) for n in names], width, label=label)
-    low = min(float(figures[n][k]) for n in names for k, _ in series)
-    high = max(float(figures[n][k]) for n in names for k, _ in series)
-    ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlabel("budget")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    series = {
+        label: [figures[n][key] for n in names]
+        for key, label in (("ref_loss", "unquantized"), ("ptq_loss", "PTQ"), ("qad_loss", "QAD"))
+        if all(figures[n].get(key) is not None for n in names)
+    }
+    return plot_quantization(names, series, path, title=title)

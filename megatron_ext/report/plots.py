@@ -70,7 +70,10 @@ def plot_budget_control(
 
 
 def plot_quantization(
-    budgets: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path
+    budgets: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    path: str | Path,
+    title: str = "quantization: unquantized vs PTQ vs QAD",
 ) -> Path:
     """PNG: held-out loss per budget for the unquantized model and each format's PTQ / QAD."""
     plt = _pyplot()
@@ -83,7 +86,7 @@ def plot_quantization(
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("budget")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("quantization: unquantized vs PTQ vs QAD")
+    ax.set_title(title)
     return _save(fig, path)
 
 
