@@ -247,13 +247,9 @@ class ElasticGatedNormMixin(ElasticMixin):
         else:
             mask = self.elastic_channel_mask(x.device)
             out = self._active_norm(x, z, self.weight, self.bias, groups, mask)
-        heads = ctrl.soft_mask("mamba_heads", self.elastic_heads, out.device)
-        dims = ctrl.soft_mask("mamba_head_dim", device=out.device)
-        if heads is not None or dims is not None:
-            head_dim = ctrl.model.mamba_head_dim
-            heads = heads if heads is not None else out.new_ones(out.shape[-1] // head_dim)
-            dims = dims if dims is not None else out.new_ones(head_dim)
-            return out * (heads[:, None] * dims[None, :]).reshape(-1).to(out.dtype)
+        gate = self._soft_gate(out)
+        if gate is not None:
+            return out * gate
         return out if mask is None else out * mask.to(out.dtype)
 
     def _narrow_forward(self, x: Tensor, z: Tensor | None) -> Tensor:
@@ -268,13 +264,25 @@ class ElasticGatedNormMixin(ElasticMixin):
         bias = None if self.bias is None else self.bias.index_select(0, act.channels)
         weight = self.weight.index_select(0, act.channels)
         out = self._active_norm(x, z, weight, bias, self.weight.shape[0] // self.group_size)
+        gate = self._soft_gate(out, act)
+        return out if gate is None else out * gate
+
+    def _soft_gate(self, out: Tensor, act: MambaActive | None = None) -> Tensor | None:
+        """The router's soft mask over the channels of ``out`` (head x head channel), or
+        ``None`` when unset; with ``act``, ``out`` holds only those active channels."""
+        ctrl = self.elastic_ctrl
         heads = ctrl.soft_mask("mamba_heads", self.elastic_heads, out.device)
         dims = ctrl.soft_mask("mamba_head_dim", device=out.device)
         if heads is None and dims is None:
-            return out
-        heads = out.new_ones(act.heads.numel()) if heads is None else heads[act.heads]
-        dims = out.new_ones(act.dims.numel()) if dims is None else dims[act.dims]
-        return out * (heads[:, None] * dims[None, :]).reshape(-1).to(out.dtype)
+            return None
+        head_dim = ctrl.model.mamba_head_dim
+        if act is not None:
+            heads = None if heads is None else heads[act.heads]
+            dims = None if dims is None else dims[act.dims]
+            head_dim = act.dims.numel()
+        heads = heads if heads is not None else out.new_ones(out.shape[-1] // head_dim)
+        dims = dims if dims is not None else out.new_ones(head_dim)
+        return (heads[:, None] * dims[None, :]).reshape(-1).to(out.dtype)
 
     def _active_norm(
         self,
