@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from megatron_ext.compat.optional import (
     backend_report,
+    collective_device,
     cuda_available,
     default_device,
     have_mamba_ssm,
@@ -47,6 +48,7 @@ def ensure_compat() -> list[str]:
 
 __all__ = [
     "backend_report",
+    "collective_device",
     "cuda_available",
     "default_device",
     "ensure_compat",

@@ -60,6 +60,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device(group=None) -> torch.device:
+    """The device ``torch.distributed`` collectives on ``group`` take their tensors on: the
+    current CUDA device for NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def backend_report() -> dict[str, bool | str]:
     """A summary of the optional backends, for ``summary.json`` and logs."""
     return {

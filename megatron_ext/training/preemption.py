@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_ext.compat import collective_device
+
 # EX_TEMPFAIL from sysexits.h ("temporary failure; the user is invited to retry"): the job
 # checkpointed and wants to be run again. Distinct from 1 (an error) and 2 (a config error).
 REQUEUE_EXIT_CODE = 75
@@ -83,9 +85,7 @@ class PreemptionHandler:
         The agreed signal number (the largest any rank received) is kept in ``signum``.
         """
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-            if device == "cuda":
-                device = f"cuda:{torch.cuda.current_device()}"
+            device = collective_device(self.group)
             flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             self.signum = int(flag.item())
