@@ -135,9 +135,6 @@ class ElasticMambaMixerMixin(ElasticMixin):
         mixer: Any = self
         ctrl = self.elastic_ctrl
         act = mamba_active(ctrl, self.elastic_heads, device)
-        d, gn = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state
-        bc = torch.arange(2 * gn, device=act.channels.device)
-        rows = torch.cat([act.channels, d + act.channels, 2 * d + bc, 2 * d + 2 * gn + act.heads])
         params = (
             mixer.in_proj.weight,
             mixer.in_proj.bias,
@@ -147,38 +144,12 @@ class ElasticMambaMixerMixin(ElasticMixin):
             mixer.dt_bias,
             mixer.D,
         )
-
-        def build() -> dict[str, Any]:
-            heads = act.heads
-            return {
-                "in_proj": _RowsView(ctrl, mixer.in_proj, rows),
-                "conv1d": _ConvView(mixer.conv1d, torch.cat([act.channels, d + bc])),
-                "A_log": mixer.A_log.index_select(0, heads),
-                "dt_bias": mixer.dt_bias.index_select(0, heads),
-                "D": mixer.D.index_select(0, act.channels if mixer.D_has_hdim else heads),
-                "out_proj": partial(mixer.out_proj.elastic_columns_forward, cols=act.channels),
-            }
-
-        views = ctrl.frozen(self, "views", params, build)
-        heads = act.heads
-        conv = views["conv1d"]
-        cp = MambaContextParallel(
-            cp_group=mixer.cp.cp_group,
-            d_inner_local_tp=act.channels.numel(),
-            nheads_local_tp=heads.numel(),
-            ngroups_local_tp=mixer.ngroups_local_tp,
-            d_state=mixer.d_state,
-            conv1d_cp1=conv,  # type: ignore[arg-type]
-            dt_bias_cp1=views["dt_bias"],
-            A_log_cp1=views["A_log"],
-            D_cp1=views["D"],
-            D_has_hdim=mixer.D_has_hdim,
-        )
+        views, cp = ctrl.frozen(self, "views", params, lambda: self._narrow_parts(act))
         sizes = {
             "cp": cp,
             "headdim": act.dims.numel(),
             "d_inner_local_tp": act.channels.numel(),
-            "nheads_local_tp": heads.numel(),
+            "nheads_local_tp": act.heads.numel(),
         }
         saved = {name: getattr(mixer, name) for name in sizes}
         self.__dict__.update(sizes, elastic_views=views)
@@ -187,6 +158,35 @@ class ElasticMambaMixerMixin(ElasticMixin):
         finally:
             self.__dict__.pop("elastic_views", None)
             self.__dict__.update(saved)
+
+    def _narrow_parts(self, act: MambaActive) -> tuple[dict[str, Any], MambaContextParallel]:
+        """The narrow views :meth:`elastic_narrow_views` installs, and the narrow helper."""
+        mixer: Any = self
+        d, gn = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state
+        bc = torch.arange(2 * gn, device=act.channels.device)
+        rows = torch.cat([act.channels, d + act.channels, 2 * d + bc, 2 * d + 2 * gn + act.heads])
+        heads = act.heads
+        views = {
+            "in_proj": _RowsView(self.elastic_ctrl, mixer.in_proj, rows),
+            "conv1d": _ConvView(mixer.conv1d, torch.cat([act.channels, d + bc])),
+            "A_log": mixer.A_log.index_select(0, heads),
+            "dt_bias": mixer.dt_bias.index_select(0, heads),
+            "D": mixer.D.index_select(0, act.channels if mixer.D_has_hdim else heads),
+            "out_proj": partial(mixer.out_proj.elastic_columns_forward, cols=act.channels),
+        }
+        cp = MambaContextParallel(
+            cp_group=mixer.cp.cp_group,
+            d_inner_local_tp=act.channels.numel(),
+            nheads_local_tp=heads.numel(),
+            ngroups_local_tp=mixer.ngroups_local_tp,
+            d_state=mixer.d_state,
+            conv1d_cp1=views["conv1d"],
+            dt_bias_cp1=views["dt_bias"],
+            A_log_cp1=views["A_log"],
+            D_cp1=views["D"],
+            D_has_hdim=mixer.D_has_hdim,
+        )
+        return views, cp
 
 
 class _RowsView:
