@@ -50,7 +50,7 @@ class ElasticRMSNormMixin(ElasticMixin):
         elif ctrl.is_full("embedding"):
             out = self.elastic_upstream.forward(self, x)
         else:
-            out = self._masked_norm(x)
+            return self._masked_norm(x)
         return ctrl.apply_gate(out, "embedding")
 
     def _narrow_norm(self, x: Tensor) -> Tensor:
@@ -65,12 +65,21 @@ class ElasticRMSNormMixin(ElasticMixin):
         return (out * weight.float()).to(x.dtype)
 
     def _masked_norm(self, x: Tensor) -> Tensor:
+        """Statistics over the active channels; the inactive outputs are zero.
+
+        Without router gates the inactive outputs are zeroed by the hard mask. With gates
+        (training), the channels are gated where they are written instead: the embedding
+        output and every output projection multiply by the soft mask, whose value is exactly
+        0 on an inactive channel, so the stream is already zero there. A second zero factor
+        here (hard mask or gate) would cut the path by which the router learns what an
+        inactive channel would add to the loss.
+        """
         ctrl = self.elastic_ctrl
         mask = ctrl.channel_mask("embedding", device=x.device)
-        xf = x.float() * mask
+        xf = x.float()
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        mean_sq = xf.square().sum(dim=-1, keepdim=True) / ctrl.width("embedding")
-        out = xf * torch.rsqrt(mean_sq + eps)
+        mean_sq = (xf * mask).square().sum(dim=-1, keepdim=True) / ctrl.width("embedding")
+        out = (xf if "embedding" in ctrl.soft else xf * mask) * torch.rsqrt(mean_sq + eps)
         if self.weight is not None:
             out = out * self.weight.float()
         return out.to(x.dtype)

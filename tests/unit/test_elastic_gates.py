@@ -70,7 +70,14 @@ def test_gates_leave_logits_bit_identical_and_reach_every_axis(elastic, widths):
     gated.float().square().mean().backward()
     ctrl.set_gates(None)
     ctrl.set_full()
-    silent = [a for a, lg in logits.items() if lg.grad is None or not lg.grad.abs().sum() > 0]
+    grads = {a: 0.0 if lg.grad is None else float(lg.grad.abs().max()) for a, lg in logits.items()}
+    # A gradient that is only rounding noise must count as silent. When no path reaches an
+    # axis's inactive components, its two choices' gate gradients are sums of the same active
+    # terms in a different order, and the logits' gradient is their fp32 rounding difference:
+    # exactly 0 or about 1e-7 of a gate gradient depending on the CPU's summation kernel. Real
+    # signals here are within 3e-3 of the largest axis's gradient, noise below 1e-6 of it.
+    floor = 1e-4 * max(grads.values())
+    silent = [a for a, g in grads.items() if not g > floor]
     # At a reduced width, an inactive expert receives no tokens, so nothing tells the router
     # what it would add: experts only learn to shrink from the task loss (the cost term makes
     # them grow). Every other axis's cut components still have activations to weigh.
