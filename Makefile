@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,slurm]'
 	@touch $(STAMP)
 
-# nemo-toolkit 2.7.3 [llm] needs four fixes on top of its own pins (notes/megatron-core-on-cpu.md)
+# nemo-toolkit 2.7.3 [llm] needs four fixes on top of its own pins (docs/cpu-compat.md)
 NEMO_VENV  ?= .venv-nemo
 NEMO_PY    := $(NEMO_VENV)/bin/python
 NEMO_STAMP := $(NEMO_VENV)/.installed-stamp

@@ -1,4 +1,4 @@
-"""Knowledge distillation on logits, vocab-parallel (DESIGN.md, "Router and losses").
+"""Knowledge distillation on logits, vocab-parallel (docs/design.md, "Router and losses").
 
 :func:`kd_loss` is the forward KL ``KL(p_teacher || p_student)`` per token over the full
 vocabulary, where under tensor parallelism every rank holds one vocabulary shard
@@ -23,7 +23,7 @@ the same replicated scalar on each rank and its gradient w.r.t. each reduced num
 The sums therefore go through megatron-core's ``reduce_from_tensor_model_parallel_region``
 (all-reduce forward, identity backward): each rank receives ``T * (p_s - p_t) / tokens`` for
 its own shard, the gradient of the full-vocabulary loss. The max only shifts the logits; its
-gradient cancels, so it is detached. The teacher is detached (DESIGN.md invariant 7).
+gradient cancels, so it is detached. The teacher is detached (docs/design.md invariant 7).
 
 Cross entropy. The trainable-teacher variant (``L = KD + alpha * CE``) needs no code here:
 megatron-core's model returns the per-token vocab-parallel cross entropy

@@ -2,7 +2,7 @@
 
 One typed dataclass kept beside :class:`HybridModelConfig`, never injected into it.
 ``__post_init__`` checks what the settings say on their own; :meth:`ElasticConfig.validate_for`
-checks them against a model shape and a parallel layout (DESIGN.md invariants 2, 3 and 5).
+checks them against a model shape and a parallel layout (docs/design.md invariants 2, 3 and 5).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class StripeLayout:
     """The TP / EP stripe counts an elastic checkpoint's weights were reordered for.
 
     ``ffn`` and ``moe_ffn`` are striped over ``tp`` ranks (expert-TP defaults to TP),
-    ``moe_experts`` over ``ep``; the other axes are never striped (DESIGN.md invariant 3).
+    ``moe_experts`` over ``ep``; the other axes are never striped (docs/design.md invariant 3).
     """
 
     tp: int = 1

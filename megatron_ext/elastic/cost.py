@@ -1,6 +1,6 @@
 """The differentiable cost of a choice of widths: parameters, active parameters, memory, latency.
 
-The router loss (DESIGN.md, "Router and losses") compares ``cost(widths)`` with a budget's
+The router loss (docs/design.md, "Router and losses") compares ``cost(widths)`` with a budget's
 target fraction of ``cost(full widths)``. Widths come as ints (exact counts) or as 0-dim float
 tensors, e.g. the router's expected widths ``sum_i onehot_i * choice_i``; every cost is then a
 polynomial (or, with a profile table, piecewise linear) in the widths, so its gradient reaches

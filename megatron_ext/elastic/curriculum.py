@@ -4,7 +4,7 @@ The default (``conf/curriculum/star_elastic.yaml``) follows the paper: stage 1 a
 uniform budgets, stage 2 at 49K with p = 0.5 / 0.3 / 0.2, largest budget first.
 
 Which budget a step trains is :func:`sample_budget`, a pure function of (seed, stage, step):
-every rank computes the same budget with no communication (DESIGN.md invariant 6), and each
+every rank computes the same budget with no communication (docs/design.md invariant 6), and each
 decision draws its own random number from its own stream (Flextron reused one number for two
 decisions, so its configured probabilities were not honoured).
 """

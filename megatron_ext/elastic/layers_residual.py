@@ -3,7 +3,7 @@
 The inactive hidden channels are zero in the embedding output and every output projection
 zeroes them in what it adds (see :mod:`.layers_linear`, :mod:`.layers_moe`), so the residual
 stream is the sliced model's padded with zeros. The norms on it compute their statistics
-over the active channels only and zero the inactive outputs (DESIGN.md invariant 4), so even
+over the active channels only and zero the inactive outputs (docs/design.md invariant 4), so even
 a non-zero value in an inactive channel never reaches a GEMM.
 
 In narrow compute the embedding hands on only the active channels and the norms normalise

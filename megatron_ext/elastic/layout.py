@@ -5,7 +5,7 @@ Vocabulary, for one axis of ``n`` components (heads, channels or experts):
 * *rank*: a component's place in descending importance (0 = most important);
 * *position*: its index along the axis of the weight tensor after reordering.
 
-A budget of ``k`` keeps ranks ``0..k-1`` (DESIGN.md invariant 2: nested prefixes). Megatron
+A budget of ``k`` keeps ranks ``0..k-1`` (docs/design.md invariant 2: nested prefixes). Megatron
 splits an axis into ``shards`` contiguous blocks, one per TP (or EP) rank. To keep every
 budget balanced (invariant 3), ranks are striped round-robin over the shards: rank ``p``
 goes to shard ``p % shards``, local slot ``p // shards``. Every ``k`` divisible by

@@ -3,7 +3,7 @@
 A permutation ``perm`` of an axis means: after reordering, position ``q`` holds the component
 that was at ``perm[q]`` (``index_select(axis, perm)``). Permutations come from
 :func:`megatron_ext.elastic.layout.reorder_permutation`, striped for a target TP/EP layout
-(DESIGN.md invariant 3), and are applied in place to the unsharded (TP=1, EP=1) model, to
+(docs/design.md invariant 3), and are applied in place to the unsharded (TP=1, EP=1) model, to
 exactly the tensors listed for each axis in the elastic-axes conventions. The function the
 model computes is unchanged: only the order of channels, heads and experts moves.
 

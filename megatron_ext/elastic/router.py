@@ -4,9 +4,9 @@ Each :class:`AxisRouter` is FC → LeakyReLU → FC (Nemotron Elastic). Its inpu
 budget (a one-hot over the configured budgets, its target fraction, or both), its output is
 logits over the axis's width choices, once (homogeneous) or per layer (heterogeneous).
 
-Training (:meth:`ElasticRouter.forward`): the logits are scaled by a ramp (1 → 10), Gumbel noise
-drawn **only** from the caller's generator is added (so ranks seeded alike choose alike, DESIGN.md
-invariant 6), a softmax at an annealed τ (1.0 → 0.05) gives ``probs``, and the hard
+Training (:meth:`ElasticRouter.forward`): the logits are scaled by a ramp (1 → 10), Gumbel
+noise drawn **only** from the caller's generator is added (so ranks seeded alike choose alike,
+docs/design.md invariant 6), a softmax at an annealed τ (1.0 → 0.05) gives ``probs``, and the hard
 straight-through one-hot ``hard + (probs - probs.detach())`` picks one width exactly while its
 gradient flows to the router. Evaluation and slicing (:meth:`ElasticRouter.select`) take the
 argmax of the logits with no noise at all (a Flextron pitfall).

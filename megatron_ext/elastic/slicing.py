@@ -1,4 +1,4 @@
-"""Zero-shot slicing: the standalone smaller model of one budget (DESIGN.md invariant 1).
+"""Zero-shot slicing: the standalone smaller model of one budget (docs/design.md invariant 1).
 
 :func:`slice_model` selects, from every tensor of an elastic model built at TP=1 / EP=1, the
 components active at ``widths`` (the positions :func:`megatron_ext.elastic.layout.active_mask`

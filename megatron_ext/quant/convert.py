@@ -13,7 +13,7 @@ MLP, routed and shared experts), except
   nearest Mamba layer before it (the Nano v3 NVFP4 release policy);
 * NVFP4 only: a GEMM whose input dimension is not a multiple of 16, and (``quant.misaligned
   = high_precision``) one whose active input channels at some budget do not fill whole
-  16-element blocks, so that its block scales could not slice exactly (DESIGN.md
+  16-element blocks, so that its block scales could not slice exactly (docs/design.md
   invariant 5; see :func:`block_misalignment`).
 
 The MoE routers (``TopKRouter``) and the embedding are not linears and stay as they are.

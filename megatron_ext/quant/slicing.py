@@ -5,7 +5,7 @@ The per-tensor scales (FP8 ``weight_scale`` / ``input_scale``, NVFP4 ``weight_sc
 slice: a slice quantizes its (sliced) weights with the full tensor's weight scale, not with
 one of its own. Everything else is elementwise, or blockwise along the input dimension with
 blocks that slicing keeps whole (every elastic width along a GEMM input is a multiple of 16,
-DESIGN.md invariant 5, checked per linear by :func:`megatron_ext.quant.convert.plan`). So:
+docs/design.md invariant 5, checked per linear by :func:`megatron_ext.quant.convert.plan`). So:
 
 * :func:`slice_quantized` gives a budget's standalone config, its (unquantized) weights and
   its quantization state (inherited scales): a slice that quantizes itself;

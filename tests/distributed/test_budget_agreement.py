@@ -1,4 +1,4 @@
-"""Rank-agreed budgets (DESIGN.md invariant 6) at TP=2 and EP=2, in one torchrun launch.
+"""Rank-agreed budgets (docs/design.md invariant 6) at TP=2 and EP=2, in one torchrun launch.
 
 ``cases_budget_agreement.py`` runs 200 steps of the tiny curriculum per layout on 2 gloo ranks
 whose global RNGs are seeded differently; each rank draws the step's budget and the router's

@@ -1,4 +1,4 @@
-"""Elastic layers at TP=2 / EP=2 equal TP=1 (DESIGN.md invariants 1 and 3), one torchrun launch.
+"""Elastic layers at TP=2 / EP=2 equal TP=1 (docs/design.md invariants 1, 3), one torchrun launch.
 
 ``cases_elastic_parallel.py`` runs every case in a single 2-rank launch (gloo, CPU) and
 writes the measured max abs logit differences (worst over ranks) to JSON.

@@ -1,4 +1,4 @@
-"""Exact zero-shot slicing (DESIGN.md invariant 1) at TP=1.
+"""Exact zero-shot slicing (docs/design.md invariant 1) at TP=1.
 
 The sliced model is a plain megatron-core ``MambaModel`` of a smaller config; its logits must
 equal the elastic model's masked logits at the same widths. The weights are striped for
