@@ -63,23 +63,13 @@ def _max(x: Tensor, group) -> Tensor:
     return out
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    tp_group=None,
-    loss_mask: Tensor | None = None,
+def kd_per_token(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, tp_group=None
 ) -> Tensor:
-    """``T**2 * KL(p_teacher || p_student)``, the mean over tokens weighted by ``loss_mask``.
+    """Per-token ``T**2 * KL(p_teacher || p_student)`` in float64, shape ``logits.shape[:-1]``.
 
-    ``student_logits`` and ``teacher_logits`` have the same shape ``[..., V/tp]``: this rank's
-    vocabulary shard (the whole vocabulary when ``tp_group`` is ``None`` or has one rank).
-    ``loss_mask`` has the shape of the leading dimensions (default: every token weighs one);
-    an all-zero mask gives zero. Vocabulary-sized work is in float32 (float64 inputs stay
-    float64), per-token sums accumulate in float64, and the result has the compute dtype. The
-    result is the same 0-dim tensor on every rank of ``tp_group``; gradients reach the
-    student shard only (module docstring).
+    The vocabulary-parallel core of :func:`kd_loss` (module docstring); shapes and dtypes as
+    there. :mod:`megatron_ext.distill_chunked` calls it on one sequence chunk at a time.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -100,8 +90,30 @@ def kd_loss(
     z_t = _sum(t_exp.sum(dim=-1, dtype=acc), tp_group)
     z_s = _sum(s_shift.exp().sum(dim=-1, dtype=acc), tp_group)
     cross = _sum((t_exp * (t_shift - s_shift)).sum(dim=-1, dtype=acc), tp_group) / z_t
-    kl = (cross - z_t.log() + z_s.log()) * temperature**2
+    return (cross - z_t.log() + z_s.log()) * temperature**2
 
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    tp_group=None,
+    loss_mask: Tensor | None = None,
+) -> Tensor:
+    """``T**2 * KL(p_teacher || p_student)``, the mean over tokens weighted by ``loss_mask``.
+
+    ``student_logits`` and ``teacher_logits`` have the same shape ``[..., V/tp]``: this rank's
+    vocabulary shard (the whole vocabulary when ``tp_group`` is ``None`` or has one rank).
+    ``loss_mask`` has the shape of the leading dimensions (default: every token weighs one);
+    an all-zero mask gives zero. Vocabulary-sized work is in float32 (float64 inputs stay
+    float64), per-token sums accumulate in float64, and the result has the compute dtype. The
+    result is the same 0-dim tensor on every rank of ``tp_group``; gradients reach the
+    student shard only (module docstring).
+    """
+    kl = kd_per_token(student_logits, teacher_logits, temperature=temperature, tp_group=tp_group)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    acc = torch.float64
     if loss_mask is None:
         return kl.mean().to(dtype)
     mask = loss_mask.to(device=kl.device, dtype=acc)

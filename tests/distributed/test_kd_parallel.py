@@ -35,3 +35,18 @@ def test_tp2_loss_and_student_gradient_equal_tp1_full_vocab(results, name):
         assert got["loss_tp2"] == 0.0 and got["grad_max_abs"] <= ATOL
     else:
         assert got["loss_tp1"] > 0.1 and got["grad_max_abs"] > 1e-3  # a non-trivial case
+
+
+@pytest.mark.parametrize("name", ["chunked_sp_chunk3", "chunked_sp_chunk4_ce"])
+def test_chunked_kd_at_tp2_with_sequence_parallelism_equals_whole_logits(results, name):
+    """Chunk by chunk (3 and 4 do not divide the local sequence of 11) vs whole logits, TP=2.
+
+    Same tolerance argument as the single-rank test (tests/unit/test_distill_chunked.py):
+    identical float32 GEMMs per row, float64 per-token sums, only the chunk order of the
+    float64 partial losses differs; a mis-gathered sequence-parallel row is off by 1e-3.
+    """
+    got = case(results, name)
+    assert got["local_seq"] == 11 and got["same_parameters_with_grad"]
+    assert got["loss_max_abs_diff"] <= ATOL, got
+    assert got["grad_max_abs_diff"] <= ATOL, got
+    assert got["loss_whole"] > 0.01 and got["grad_max_abs"] > 1e-2
