@@ -8,6 +8,11 @@ import warnings
 
 RECIPES: dict[str, tuple[str, str, str]] = {
     # name: (config file, module, one-line description)
+    "import-hf": (
+        "import_hf",
+        "recipes.import_hf",
+        "a Hugging Face checkpoint (Nemotron-H, Llama, Qwen3) as a parent run",
+    ),
     "prepare-data": (
         "prepare_data",
         "recipes.prepare_data",
@@ -62,7 +67,38 @@ def usage() -> str:
     lines = ["usage: star-elastic <recipe> [key=value ...]", "", "recipes:"]
     lines += [f"  {name:<14} {desc}" for name, (_, _, desc) in RECIPES.items()]
     lines += ["", "Overrides are Hydra syntax, e.g. model=nano_v3 parallel=tp2 run.dir=runs/x"]
+    lines += ["star-elastic <recipe> --help: the recipe's config groups and default config"]
+    lines += ["star-elastic <recipe> [overrides] --cfg job: the composed config, nothing run"]
     return "\n".join(lines)
+
+
+def recipe_help(recipe: str, overrides: list[str]) -> str:
+    """``<recipe> --help``: what it does, its config groups and options, its composed config."""
+    from omegaconf import OmegaConf
+
+    from megatron_ext.config.compose import compose_recipe, conf_dir
+
+    config_name, _, desc = RECIPES[recipe]
+    cfg = compose_recipe(config_name, overrides)
+    groups = []
+    for group in sorted(p for p in conf_dir().iterdir() if p.is_dir()):
+        if group.name in cfg:
+            options = sorted(f.stem for f in group.glob("*.yaml"))
+            groups.append(f"  {group.name:<14} {', '.join(options)}")
+    lines = [f"star-elastic {recipe}: {desc}", "", f"config: conf/{config_name}.yaml"]
+    lines += ["", "config groups (choose with group=option):", *groups]
+    lines += ["", "composed config (override any key with key=value):", OmegaConf.to_yaml(cfg)]
+    return "\n".join(lines)
+
+
+def _cfg_flag(overrides: list[str]) -> tuple[list[str], str | None]:
+    """Split Hydra's ``--cfg job|all|hydra`` (or ``-c``) off the overrides."""
+    for flag in ("--cfg", "-c"):
+        if flag in overrides:
+            i = overrides.index(flag)
+            what = overrides[i + 1] if i + 1 < len(overrides) else "job"
+            return overrides[:i] + overrides[i + 2 :], what
+    return overrides, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.models.config import ConfigError
 
     config_name, module_name, _ = RECIPES[recipe]
+    overrides, show_cfg = _cfg_flag(overrides)
     try:
+        if "--help" in overrides or "-h" in overrides:
+            print(recipe_help(recipe, [o for o in overrides if o not in ("--help", "-h")]))
+            return 0
         cfg = compose_recipe(config_name, overrides)
+        if show_cfg is not None:
+            from omegaconf import OmegaConf
+
+            if show_cfg not in ("job", "all"):
+                raise ConfigError(f"--cfg: {show_cfg!r} is not 'job' or 'all'")
+            print(OmegaConf.to_yaml(cfg))
+            return 0
         if "cluster" in cfg and cfg.cluster.kind == "slurm":
             from launch.slurm import in_slurm_job, submit
 

@@ -86,6 +86,7 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        qk_layernorm=model.qk_layernorm,
         **moe,
     )
 
@@ -106,7 +107,9 @@ def build_model(
     skips the random initialisation, for weights that are loaded right after.
     """
     config = transformer_config(model, parallel, initialize=initialize and not meta)
-    spec = hybrid_stack_spec(backend_provider(backend), model.num_experts)
+    spec = hybrid_stack_spec(
+        backend_provider(backend), model.num_experts, qk_layernorm=model.qk_layernorm
+    )
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:
         return MambaModel(

@@ -41,6 +41,7 @@ class HybridModelConfig:
     kv_channels: int = 32
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
+    qk_layernorm: bool = False  # RMSNorm over each query and key head (Qwen3)
     # dense MLP ('-' layers)
     ffn_hidden_size: int = 256
     activation: str = "squared_relu"

@@ -60,9 +60,15 @@ def _norm_and_input_linear(backend: BackendSpecProvider):
     return _norm(backend), backend.column_parallel_linear()
 
 
-def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleSpec:
-    """A ``MambaStack`` spec with Mamba, attention, MLP and MoE layers for ``backend``."""
+def hybrid_stack_spec(
+    backend: BackendSpecProvider, num_experts: int, *, qk_layernorm: bool = False
+) -> ModuleSpec:
+    """A ``MambaStack`` spec with Mamba, attention, MLP and MoE layers for ``backend``.
+
+    ``qk_layernorm`` adds upstream's per-head query and key RMSNorm (Qwen3's q_norm/k_norm).
+    """
     norm, in_linear = _norm_and_input_linear(backend)
+    qk_norm = _norm(backend) if qk_layernorm else None
     row = backend.row_parallel_linear()
     mamba_layer = ModuleSpec(
         module=MambaLayer,
@@ -86,6 +92,8 @@ def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int) -> ModuleS
                     linear_qkv=in_linear,
                     core_attention=backend.core_attention(),
                     linear_proj=row,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
