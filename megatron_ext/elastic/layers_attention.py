@@ -14,7 +14,8 @@ Decoding with a static inference context runs narrow too: the KV cache holds one
 value per query group, which the axis leaves whole. Narrow compute falls back to masked
 compute where upstream's layout or kernels would not follow the head count: dynamic
 batching and flash decoding, gated attention output, fewer query groups than TP ranks, and
-core attention other than megatron's local ``DotProductAttention``.
+core attention other than megatron's local ``DotProductAttention`` (or its SDPA form,
+:class:`~megatron_ext.models.attention.SDPAttention`, which reads the same head counts).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
 from megatron_ext.elastic.layers_linear import column_linear_on, hidden_cols
+from megatron_ext.models.attention import SDPAttention
 
 
 def qkv_rows(ctrl: ElasticController, shard: Shard, groups: int, head_dim: int, device) -> Tensor:
@@ -103,7 +105,7 @@ class ElasticSelfAttentionMixin(ElasticMixin):
             and (context is None or (context.is_static_batching() and not config.flash_decode))
             and not getattr(config, "attention_output_gate", False)
             and config.num_query_groups >= attn.world_size
-            and type(attn.core_attention) is DotProductAttention
+            and type(attn.core_attention) in (DotProductAttention, SDPAttention)
         )
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):

@@ -108,7 +108,10 @@ def build_model(
     """
     config = transformer_config(model, parallel, initialize=initialize and not meta)
     spec = hybrid_stack_spec(
-        backend_provider(backend), model.num_experts, qk_layernorm=model.qk_layernorm
+        backend_provider(backend),
+        model.num_experts,
+        qk_layernorm=model.qk_layernorm,
+        core_attention=model.core_attention,
     )
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:
@@ -128,3 +131,23 @@ def build_model(
 def causal_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The ``[1, 1, s, s]`` boolean causal mask (True = masked) megatron's attention expects."""
     return torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def needs_materialised_mask(model: torch.nn.Module) -> bool:
+    """Whether some core attention of ``model`` needs :func:`causal_mask` passed in.
+
+    Megatron's local ``DotProductAttention`` does (without one it builds its own on a CUDA
+    device); :class:`~megatron_ext.models.attention.SDPAttention` and Transformer Engine's
+    attention apply the layers' ``causal`` mask type themselves. A model without attention
+    needs none.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return any(type(m) is DotProductAttention for m in model.modules())
+
+
+def attention_mask(
+    model: torch.nn.Module, seq_length: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """The mask to pass ``model``'s forward: ``None`` unless its attention needs one."""
+    return causal_mask(seq_length, device) if needs_materialised_mask(model) else None

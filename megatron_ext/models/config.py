@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+CORE_ATTENTIONS = ("sdpa", "dot_product")
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 ACTIVATIONS = ("squared_relu", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "none")
@@ -42,6 +43,9 @@ class HybridModelConfig:
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
     qk_layernorm: bool = False  # RMSNorm over each query and key head (Qwen3)
+    # local backend's core attention: "sdpa" (torch SDPA, causal without an s x s mask) or
+    # "dot_product" (megatron's DotProductAttention, which needs a materialised mask on CPU)
+    core_attention: str = "sdpa"
     # dense MLP ('-' layers)
     ffn_hidden_size: int = 256
     activation: str = "squared_relu"
@@ -89,6 +93,11 @@ class HybridModelConfig:
             self.params_dtype in DTYPES,
             "model.params_dtype",
             f"{self.params_dtype!r} is not one of {DTYPES}",
+        )
+        require(
+            self.core_attention in CORE_ATTENTIONS,
+            "model.core_attention",
+            f"{self.core_attention!r} is not one of {CORE_ATTENTIONS}",
         )
         if self.has("*"):
             require(

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.compat import have_transformer_engine
+from megatron_ext.models.attention import SDPAttention
 from megatron_ext.models.config import ConfigError
 from megatron_ext.models.norms import TorchNorm
 
@@ -60,12 +61,24 @@ def _norm_and_input_linear(backend: BackendSpecProvider):
     return _norm(backend), backend.column_parallel_linear()
 
 
+def core_attention_spec(backend: BackendSpecProvider, core_attention: str = "sdpa") -> type:
+    """The core attention class: the backend's, or :class:`SDPAttention` on the local one."""
+    if isinstance(backend, LocalSpecProvider) and core_attention == "sdpa":
+        return SDPAttention
+    return backend.core_attention()
+
+
 def hybrid_stack_spec(
-    backend: BackendSpecProvider, num_experts: int, *, qk_layernorm: bool = False
+    backend: BackendSpecProvider,
+    num_experts: int,
+    *,
+    qk_layernorm: bool = False,
+    core_attention: str = "sdpa",
 ) -> ModuleSpec:
     """A ``MambaStack`` spec with Mamba, attention, MLP and MoE layers for ``backend``.
 
-    ``qk_layernorm`` adds upstream's per-head query and key RMSNorm (Qwen3's q_norm/k_norm).
+    ``qk_layernorm`` adds upstream's per-head query and key RMSNorm (Qwen3's q_norm/k_norm);
+    ``core_attention`` picks the local backend's core attention (:func:`core_attention_spec`).
     """
     norm, in_linear = _norm_and_input_linear(backend)
     qk_norm = _norm(backend) if qk_layernorm else None
@@ -90,7 +103,7 @@ def hybrid_stack_spec(
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=in_linear,
-                    core_attention=backend.core_attention(),
+                    core_attention=core_attention_spec(backend, core_attention),
                     linear_proj=row,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,

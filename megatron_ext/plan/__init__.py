@@ -1,0 +1,1 @@
+"""Memory planning: predicted per-rank memory of a training run, and measured memory."""
