@@ -10,9 +10,10 @@ from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig
 from megatron_ext.data.cache import tokenizer_for
+from megatron_ext.elastic.budget_eval import load_choices
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
-from megatron_ext.elastic.slice_run import load_source, requested_widths
+from megatron_ext.elastic.slice_run import load_source, requested_widths, widths_source
 from megatron_ext.export import FORMATS, ExportError, export_slice
 from megatron_ext.export.storage import compare_storage
 from megatron_ext.export.tokenizer import source_data_config
@@ -57,7 +58,8 @@ def run(cfg: DictConfig) -> dict:
     model, stripes, model_cfg = load_source(source_dir, pgs, cfg.model_backend)
     elastic.validate_for(model_cfg, ParallelConfig())
     _check_formats(formats, model_cfg)
-    budgets = requested_widths(elastic, model_cfg, str(cfg.budget), {})
+    chosen = load_choices(source_dir)  # the router's choices, when source.dir is an elastic run
+    budgets = requested_widths(elastic, model_cfg, str(cfg.budget), {}, chosen)
     controller = ElasticController(model_cfg, stripes=stripes, mode="masked")
     data, data_from = source_data_config(source_dir, section(cfg, "data", DataConfig))
     tokenizer = tokenizer_for(data)
@@ -83,6 +85,7 @@ def run(cfg: DictConfig) -> dict:
                 **extra,
             )
             result.extra["widths"] = widths
+            result.extra["widths_from"] = widths_source(name, chosen)
             results.append(result)
     summary: dict = {
         "source": str(source_dir),
@@ -94,13 +97,15 @@ def run(cfg: DictConfig) -> dict:
         latest = CheckpointManager(source_dir / "checkpoints", pgs).latest_valid()
         if latest is None:
             raise CheckpointError(f"source.dir: no valid checkpoint under {source_dir}")
-        every = requested_widths(elastic, model_cfg, "all", {})
+        every = requested_widths(elastic, model_cfg, "all", {}, chosen)
         storage = compare_storage(latest, model, every, controller, pgs, workdir=run_dir)
         summary.update(storage.as_dict())
     write_summary(run_dir, summary)
-    rows = [[r.format, r.budget, r.files, r.bytes, str(r.path)] for r in results]
+    rows = [
+        [r.format, r.budget, r.extra["widths_from"], r.files, r.bytes, str(r.path)] for r in results
+    ]
     main_print(f"exports of {source_dir}")
-    main_print(format_table(["format", "budget", "files", "bytes", "path"], rows))
+    main_print(format_table(["format", "budget", "widths from", "files", "bytes", "path"], rows))
     if cfg.sizes.separate:
         main_print(
             f"storage: one elastic checkpoint {summary['elastic_bytes']:,} bytes vs separate "

@@ -10,7 +10,12 @@ from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
 from megatron_ext.elastic.budget_eval import load_choices
 from megatron_ext.elastic.config import ElasticConfig
-from megatron_ext.elastic.slice_run import load_source, requested_widths, write_slices
+from megatron_ext.elastic.slice_run import (
+    load_source,
+    requested_widths,
+    widths_source,
+    write_slices,
+)
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, write_summary
 from megatron_ext.runtime import prepare_run_dir
@@ -48,7 +53,9 @@ def run(cfg: DictConfig) -> dict:
         "source": str(source_dir),
         "stripe": {"tp": stripes.tp, "ep": stripes.ep},
         "full_val_loss": full_loss,
-        "budgets": {r.name: r.as_dict() for r in results},
+        "budgets": {
+            r.name: {**r.as_dict(), "widths_from": widths_source(r.name, chosen)} for r in results
+        },
     }
     write_summary(run_dir, summary)
     rows = [

@@ -78,6 +78,13 @@ def requested_widths(
     return out
 
 
+def widths_source(budget: str, chosen: dict[str, dict[str, int]] | None) -> str:
+    """Where a budget's widths come from: the router's final choice, else ``elastic.budgets``."""
+    if chosen and budget in chosen:
+        return "router (budget_choices.json)"
+    return "config (elastic.budgets widths)"
+
+
 def load_source(source_dir: Path, pg_collection, backend: str = "auto"):
     """The source run's model (TP=1), its stripe layout, and its model config."""
     model_cfg = load_model_config(source_dir)

@@ -1,0 +1,151 @@
+"""A Hugging Face parent through the whole pipeline: import-hf -> importance ->
+train-elastic (a few steps) -> export / slice, and back into ``transformers``.
+
+Per family (the Nemotron-H MoE hybrid and the Llama RoPE transformer), a tiny random model
+written by ``transformers`` is imported and elastified with the recipes themselves. Then,
+for every budget:
+
+* ``export format=hf`` and ``slice`` write the same config: the router's chosen widths, not
+  the config's (the budgets here give no fixed widths, so the config's fallback would be the
+  full model and the router, aiming at 0.75 / 0.5 of the parameters, never chooses that);
+* ``transformers`` loads the export (its parent's own class) and computes the elastic
+  model's logits at that budget.
+
+Tolerance: the elastic model at a budget (masked, fp32) equals its slice to rounding
+(~1e-7 here), and ``transformers`` equals the megatron slice to rounding (<= 7.2e-7 in
+``test_hf_import``); 1e-5 bounds both with a wide margin, while a wrong width, head or
+expert changes logits by order 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from megatron_ext.config.compose import compose_recipe
+from megatron_ext.elastic.config import Budget
+from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.convert import convert_to_elastic
+from megatron_ext.elastic.slice_run import load_source
+from megatron_ext.models.config import load_model_config
+from megatron_ext.parallel import ParallelConfig, init_distributed
+from recipes import export, import_hf, importance, slice, train_elastic
+from tests.export.hf_tiny import hf_logits, megatron_logits, write_hf
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+
+ATOL = 1e-5
+BUDGETS = [Budget("L", 1.0, "params"), Budget("M", 0.75, "params"), Budget("S", 0.5, "params")]
+AXES = {
+    "nemotron_h_moe": {
+        "embedding": [64, 48, 32],
+        "attn_heads": [4, 2],
+        "mamba_heads": [8, 4],
+        "moe_experts": [4, 2],
+        "moe_ffn": [32, 16],
+    },
+    "llama": {"embedding": [64, 48, 32], "attn_heads": [4, 2], "ffn": [96, 64, 32]},
+}
+CLASSES = {"nemotron_h_moe": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
+SMOKE = [
+    "curriculum=smoke",
+    "elastic_train.micro_batch_size=2",
+    "elastic_train.eval_batches=1",
+    "elastic_train.eval_seq_length=32",
+    "elastic_train.eval_interval=8",
+    "elastic_train.warmup_steps=2",
+    "logger=none",
+]
+
+
+def _with_elastic(cfg, family: str):
+    """The recipe config with this family's elastic axes and width-free budgets."""
+    OmegaConf.set_struct(cfg, False)
+    cfg.elastic.axes = AXES[family]
+    cfg.elastic.budgets = BUDGETS
+    return cfg
+
+
+@pytest.fixture(scope="module", params=sorted(AXES))
+def pipeline(request, tmp_path_factory, data_overrides):
+    """Every stage's run dir of one family, and the recipes' summaries."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"pipeline_{family}")
+    write_hf(family, tied=False, directory=root / "hf")
+    dirs = {k: root / k for k in ("parent", "importance", "elastic", "export", "slice")}
+    out: dict = {"family": family, "dirs": dirs}
+    out["import"] = import_hf.run(
+        compose_recipe("import_hf", [f"hf.dir={root / 'hf'}", f"run.dir={dirs['parent']}"])
+    )
+    tok = f"data.tokenizer_path={dirs['parent'] / 'tokenizer.json'}"
+    out["importance"] = importance.run(
+        compose_recipe(
+            "importance",
+            [
+                f"parent.dir={dirs['parent']}",
+                f"run.dir={dirs['importance']}",
+                *data_overrides,
+                "data.tokenizer=hf",
+                tok,
+                "importance.calib_batches=2",
+                "importance.seq_length=32",
+            ],
+        )
+    )
+    common = [*data_overrides, "data.tokenizer=hf", tok]
+    train = compose_recipe(
+        "train_elastic",
+        [f"source.dir={dirs['importance']}", f"run.dir={dirs['elastic']}", *common, *SMOKE],
+    )
+    out["train"] = train_elastic.run(_with_elastic(train, family))
+    source = [f"source.dir={dirs['elastic']}", "budget=all"]
+    exp = compose_recipe(
+        "export", [*source, f"run.dir={dirs['export']}", "format=hf", "sizes.separate=false"]
+    )
+    out["export"] = export.run(_with_elastic(exp, family))
+    sl = compose_recipe("slice", [*source, f"run.dir={dirs['slice']}", "eval.enabled=false"])
+    out["slice"] = slice.run(_with_elastic(sl, family))
+    return out
+
+
+def test_import_writes_a_parent_run_with_its_tokenizer(pipeline):
+    parent = pipeline["dirs"]["parent"]
+    saved = OmegaConf.load(parent / "config.yaml")
+    assert saved.data.tokenizer == "hf"
+    assert saved.data.tokenizer_path == str((parent / "tokenizer.json").resolve())
+    assert saved.model.pattern == load_model_config(parent).pattern
+    assert pipeline["import"]["family"] == (
+        "llama" if pipeline["family"] == "llama" else "nemotron_h"
+    )
+
+
+def test_export_uses_the_routers_widths_exactly_as_slice(pipeline):
+    exports = {e["budget"]: e for e in pipeline["export"]["exports"]}
+    choices = {name: b["router_choice"] for name, b in pipeline["train"]["budgets"].items()}
+    for name, figures in pipeline["slice"]["budgets"].items():
+        assert exports[name]["widths"] == figures["widths"]
+        assert exports[name]["widths_from"].startswith("router")
+        assert figures["widths_from"].startswith("router")
+        exported = load_model_config(exports[name]["path"])
+        assert exported == load_model_config(Path(figures["checkpoint"]).parent)
+        if name != "L":  # the config's fallback would be full width; the router chose less
+            assert any(choices[name][a] < AXES[pipeline["family"]][a][0] for a in choices[name])
+
+
+def test_export_loads_in_transformers_with_the_elastic_models_logits(pipeline):
+    pgs = init_distributed(ParallelConfig())
+    model, stripes, cfg = load_source(pipeline["dirs"]["elastic"], pgs)
+    ctrl = ElasticController(cfg, stripes=stripes, mode="masked")
+    elastic = convert_to_elastic(model, ctrl).eval()
+    for entry in pipeline["export"]["exports"]:
+        with ctrl.at(entry["widths"]):
+            expected = megatron_logits(elastic)
+        config = json.loads((Path(entry["path"]) / "config.json").read_text())
+        assert config["architectures"] == [CLASSES[pipeline["family"]]]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32)
+        diff = (hf_logits(hf.eval()) - expected).abs().max().item()
+        assert diff <= ATOL, f"{entry['budget']}: max |transformers - elastic| = {diff:.3g}"
