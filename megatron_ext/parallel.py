@@ -18,7 +18,13 @@ from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 
 @dataclass
 class ParallelConfig:
-    """Process layout: ``nproc`` ranks on this node split into TP × EP × DP (PP = 1)."""
+    """Process layout: ``nproc`` ranks split into TP × PP × DP, with EP carved out of DP × TP.
+
+    ``pp`` pipeline stages each hold ``num_layers / pp`` consecutive layers of the hybrid
+    pattern (megatron-core's even split); the first stage also holds the embedding, the last
+    the final norm and the output layer. The schedule is megatron-core's 1F1B. Interleaved
+    (virtual) stages are not offered: megatron-core 0.16.1's ``MambaStack`` refuses them.
+    """
 
     nproc: int = 1
     tp: int = 1
@@ -32,7 +38,6 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for field in ("nproc", "tp", "ep", "pp"):
             require(getattr(self, field) >= 1, f"parallel.{field}", "must be >= 1")
-        require(self.pp == 1, "parallel.pp", "pipeline parallelism is not supported yet")
         require(
             self.nproc % (self.tp * self.pp) == 0,
             "parallel.nproc",
@@ -62,6 +67,12 @@ class ParallelConfig:
     def check_model(self, model: HybridModelConfig) -> None:
         """Raise :class:`ConfigError` if ``model`` cannot be split this way."""
         tp, ep = self.tp, self.ep
+        if model.num_layers % self.pp:
+            raise ConfigError(
+                f"parallel.pp: the {model.num_layers} layers of model.pattern "
+                f"{model.pattern!r} do not split evenly over {self.pp} pipeline stages; "
+                f"use a pp that divides {model.num_layers}"
+            )
         checks = [
             ("model.hidden_size", model.hidden_size, tp, True),
             ("model.vocab_size", model.vocab_size, tp, True),

@@ -4,7 +4,7 @@
 :mod:`megatron_ext.models` before any megatron-core model module is imported, so every
 caller that builds a model gets it. What it applies depends on the machine:
 
-- no CUDA: the CPU shims of :mod:`.cpu_shims`;
+- no CUDA: the CPU shims of :mod:`.cpu_shims` and of :mod:`.pipeline`;
 - no triton: a stub for the triton-only inference tensor ops;
 - no mamba-ssm: the pure-PyTorch Mamba kernels of :mod:`.mamba`;
 - no Transformer Engine: torch norms where upstream hard-codes ``TENorm``.
@@ -29,7 +29,7 @@ def ensure_compat() -> list[str]:
     """Apply the shims this machine needs (once) and return their names."""
     if _APPLIED:
         return list(_APPLIED)
-    from megatron_ext.compat import cpu_shims, mamba
+    from megatron_ext.compat import cpu_shims, mamba, pipeline
 
     if not have_triton():
         cpu_shims.stub_triton_tensor_ops()
@@ -37,6 +37,8 @@ def ensure_compat() -> list[str]:
     if not cuda_available():
         cpu_shims.apply_cpu_shims()
         _APPLIED.append("cpu_shims")
+        pipeline.apply_pipeline_cpu_shims()
+        _APPLIED.append("pipeline_cpu_shims")
     if not have_mamba_ssm():
         mamba.install_torch_mamba_kernels()
         _APPLIED.append("torch_mamba_kernels")

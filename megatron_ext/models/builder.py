@@ -75,6 +75,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         expert_model_parallel_size=parallel.ep,
         pipeline_model_parallel_size=parallel.pp,
+        pipeline_dtype=dtype,
         sequence_parallel=parallel.use_sequence_parallel,
         params_dtype=dtype,
         bf16=dtype is torch.bfloat16,
@@ -113,11 +114,14 @@ def build_model(
         qk_layernorm=model.qk_layernorm,
         core_attention=model.core_attention,
     )
+    first, last = pipeline_stage(pg_collection)
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:
         return MambaModel(
             config=config,
             mamba_stack_spec=spec,
+            pre_process=first,
+            post_process=last,
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_sequence_length,
             hybrid_override_pattern=model.pattern,
@@ -126,6 +130,18 @@ def build_model(
             rotary_base=model.rotary_base,
             pg_collection=pg_collection,
         )
+
+
+def pipeline_stage(pg_collection) -> tuple[bool, bool]:
+    """(first stage, last stage) of this rank in ``pg_collection.pp``; (True, True) without PP.
+
+    The first stage holds the embedding, the last the final norm and the output layer
+    (megatron-core's ``pre_process`` / ``post_process``).
+    """
+    group = getattr(pg_collection, "pp", None)
+    if group is None or group.size() == 1:
+        return True, True
+    return group.rank() == 0, group.rank() == group.size() - 1
 
 
 def causal_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
