@@ -1,7 +1,8 @@
 """Atomic, verifiable, reshardable checkpoints: one directory ``root/iter_{step:07d}`` with
 
 - the weights in megatron-core's ``torch_dist`` format from ``model.sharded_state_dict()``
-  (``*.distcp``, ``.metadata``, ``common.pt``, ``metadata.json``): they load at any TP/EP size;
+  (``*.distcp``, ``.metadata``, ``common.pt``, ``metadata.json``): they load at any TP/EP/PP
+  size (a pipeline stage saves its layers under their global layer numbers);
 - ``rank_state/rank_{global_rank:05d}.pt``: each rank's optimizer state and ``extra`` (step,
   RNG, data position, ...) with the layout they were written at, to which they are bound;
 - ``manifest.json``, written last: every file's size, the step, the layout, ``complete: true``.
@@ -76,9 +77,9 @@ def _write_durable(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 
 def layout(pg_collection: Any) -> dict[str, int]:
-    """This rank's process layout: world size, TP/EP/DP sizes and this rank's place in each."""
+    """This rank's process layout: world size, TP/EP/PP/DP sizes and this rank's place in each."""
     out = {"world_size": _world(), "rank": _rank()}
-    for name in ("tp", "ep", "dp"):
+    for name in ("tp", "ep", "pp", "dp"):
         group = getattr(pg_collection, name, None)
         on = group is not None and dist.is_initialized()
         out[name] = dist.get_world_size(group) if on else 1
@@ -87,7 +88,8 @@ def layout(pg_collection: Any) -> dict[str, int]:
 
 
 def _sizes(full: dict[str, int]) -> dict[str, int]:
-    return {k: full[k] for k in ("world_size", "tp", "ep", "dp")}
+    """The group sizes of a layout; one written before ``pp`` was recorded had ``pp`` = 1."""
+    return {k: full.get(k, 1) for k in ("world_size", "tp", "ep", "pp", "dp")}
 
 
 def _inline_save_strategy():
@@ -145,6 +147,12 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     finally:
         if seeded:
             filesystem_async._results_queue = None
+
+
+def _same_layout(saved: dict[str, int], mine: dict[str, int]) -> bool:
+    """Whether a rank's saved layout is this rank's (``pp`` defaults to one stage)."""
+    fill = {"pp": 1, "pp_rank": 0}
+    return {**fill, **saved} == {**fill, **mine}
 
 
 class CheckpointManager:
@@ -325,12 +333,14 @@ class CheckpointManager:
 
         mine = layout(self.pg_collection)
         if weights_only:
-            return {} if manifest.get("layout") == _sizes(mine) else {"resharded": True}
+            same = _sizes(manifest.get("layout") or {}) == _sizes(mine)
+            return {} if same else {"resharded": True}
         saved = None
         rank_file = path / RANK_STATE / f"rank_{_rank():05d}.pt"
-        if manifest.get("layout") == _sizes(mine) and rank_file.is_file():
+        if _sizes(manifest.get("layout") or {}) == _sizes(mine) and rank_file.is_file():
             saved = torch.load(rank_file, map_location="cpu", weights_only=False)
-        mismatch = None if saved is not None and saved.get("layout") == mine else "layout"
+        same = saved is not None and _same_layout(saved.get("layout") or {}, mine)
+        mismatch = None if same else "layout"
         if _agree(mismatch) is not None:  # every rank takes the same branch
             if _rank() == 0:
                 logger.warning(

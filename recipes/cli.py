@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from launch.local import launch_torchrun, under_distributed_launcher
     from megatron_ext.config.compose import compose_recipe
+    from megatron_ext.config.preflight import check_layout
     from megatron_ext.models.config import ConfigError
 
     config_name, module_name, _ = RECIPES[recipe]
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--cfg: {show_cfg!r} is not 'job' or 'all'")
             print(OmegaConf.to_yaml(cfg))
             return 0
+        check_layout(recipe, cfg)  # before torchrun or sbatch: a bad layout starts nothing
         if "cluster" in cfg and cfg.cluster.kind == "slurm":
             from launch.slurm import in_slurm_job, submit
 

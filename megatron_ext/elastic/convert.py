@@ -25,6 +25,10 @@ axis               modules
 ``moe_ffn``        each routed expert's ``linear_fc2`` input; narrow as ``ffn``
 =================  ===========================================================================
 
+Under pipeline parallelism a stage's model holds only its own layers (the embedding on the
+first stage, the final norm and output layer on the last); each converts what it holds, and
+the stage's ``decoder`` passes full-width tensors between stages (:mod:`.layers_stack`).
+
 Every shard comes from the module's own process group (``tp_group`` of the layer, the
 experts' expert-TP group), never from ``parallel_state``.
 """
@@ -43,6 +47,7 @@ import megatron_ext.models  # noqa: F401  (applies the compat shims before megat
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
+from megatron.core.ssm.mamba_block import MambaStack
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.attention import Attention
@@ -60,6 +65,7 @@ from megatron_ext.elastic.layers_linear import ElasticColumnLinearMixin, Elastic
 from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin, ElasticMambaMixerMixin
 from megatron_ext.elastic.layers_moe import ElasticMoELayerMixin, ElasticRouterMixin
 from megatron_ext.elastic.layers_residual import ElasticEmbeddingMixin, ElasticRMSNormMixin
+from megatron_ext.elastic.layers_stack import ElasticStackMixin
 
 _RECORD = "_elastic_record"
 _QUANT_RECORD = "_quant_record"  # megatron_ext.quant.convert's; quantization comes after
@@ -144,6 +150,8 @@ def _plan(model: nn.Module, ctrl: ElasticController) -> Iterator[Step]:
         _check("embedding", embedding.word_embeddings.weight.shape[1], ctrl, "embedding")
         yield embedding, ElasticEmbeddingMixin, {}
     decoder: Any = model.decoder
+    if isinstance(decoder, MambaStack) and not (decoder.pre_process and decoder.post_process):
+        yield decoder, ElasticStackMixin, {}  # a pipeline stage: full width at its boundaries
     for i, layer in enumerate(decoder.layers):
         where = f"decoder.layers.{i}"
         for attr, feeds in (

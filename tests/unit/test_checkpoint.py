@@ -108,7 +108,7 @@ def test_checkpoint_layout_manifest_and_latest_txt(tmp_path, pgs, trained):
     path = tmp_path / "iter_0000007"
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["step"] == 7
-    assert manifest["layout"] == {"world_size": 1, "tp": 1, "ep": 1, "dp": 1}
+    assert manifest["layout"] == {"world_size": 1, "tp": 1, "ep": 1, "pp": 1, "dp": 1}
     assert "rank_state/rank_00000.pt" in manifest["files"]
     assert any(name.endswith(".distcp") for name in manifest["files"])
     for rel, size in manifest["files"].items():

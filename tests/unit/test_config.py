@@ -83,3 +83,36 @@ def test_moe_with_tensor_parallelism_requires_sequence_parallelism():
     with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel"):
         ParallelConfig(nproc=2, tp=2, sequence_parallel=False).check_model(HybridModelConfig())
     ParallelConfig(nproc=2, tp=2).check_model(HybridModelConfig())  # the default is valid
+
+
+def test_pipeline_stages_must_split_the_layers_evenly():
+    model = HybridModelConfig()  # 8 layers
+    with pytest.raises(ConfigError, match=r"parallel\.pp: the 8 layers .* 3 pipeline stages"):
+        ParallelConfig(nproc=3, pp=3).check_model(model)
+    ParallelConfig(nproc=4, pp=4).check_model(model)  # 2 layers per stage
+    with pytest.raises(ConfigError, match=r"parallel\.nproc: must be a multiple of tp\*pp = 4"):
+        ParallelConfig(nproc=2, tp=2, pp=2)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "why"),
+    [
+        ("train-parent", "does not run pipeline stages yet"),
+        ("importance", "reads checkpoints saved at any pp"),
+    ],
+)
+def test_pp_is_refused_before_any_rank_starts_for_recipes_without_stages(
+    recipe, why, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    args = [recipe, "parallel.nproc=2", "parallel.pp=2", f"run.dir={run_dir}"]
+    assert main(args) == 2  # no torchrun: the launcher would have returned its exit code
+    err = capsys.readouterr().err
+    assert "parallel.pp: 2 is not supported" in err and why in err
+    assert not run_dir.exists()  # nothing written
+
+
+def test_a_layout_the_model_cannot_split_fails_before_torchrun(tmp_path, capsys):
+    args = ["train-parent", "parallel.nproc=3", "parallel.pp=3", f"run.dir={tmp_path / 'r'}"]
+    assert main(args) == 2
+    assert "parallel.pp: the 8 layers" in capsys.readouterr().err

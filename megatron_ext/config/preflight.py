@@ -1,0 +1,61 @@
+"""Checks of a composed recipe config that must pass before any rank is started.
+
+:func:`check_layout` validates the ``parallel`` group against the model it will split (the
+recipe's ``model``, or the ``model_config.json`` of the run it reads) and refuses a pipeline
+layout (``parallel.pp > 1``) for a recipe that cannot run one. The launcher calls it before
+torchrun or sbatch, so a bad layout costs no start-up and writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from megatron_ext.config.compose import section
+from megatron_ext.models.config import (
+    MODEL_CONFIG_FILE,
+    ConfigError,
+    HybridModelConfig,
+    load_model_config,
+)
+from megatron_ext.parallel import ParallelConfig
+
+PIPELINED_RECIPES: frozenset[str] = frozenset()
+"""Recipes whose training steps run on megatron-core's pipeline schedules (``pp > 1``)."""
+
+READS_ANY_PP = frozenset({"importance", "model-info"})
+"""Recipes that run unpipelined and read checkpoints saved at any ``pp``."""
+
+
+def _model(cfg: DictConfig) -> HybridModelConfig | None:
+    """The model the run splits: from the run it reads when that has one, else ``model``."""
+    for group in ("source", "parent"):
+        node = cfg.get(group)
+        directory = node.get("dir") if node is not None else None
+        if directory and (Path(str(directory)) / MODEL_CONFIG_FILE).is_file():
+            return load_model_config(str(directory))
+    if "model" in cfg:
+        return section(cfg, "model", HybridModelConfig)
+    return None
+
+
+def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
+    """Validate ``cfg.parallel`` for ``recipe``; returns it (``None`` without the group).
+
+    Raises :class:`ConfigError` naming the field: a layout the model cannot split into, or
+    ``parallel.pp > 1`` for a recipe that does not run pipeline stages.
+    """
+    if "parallel" not in cfg:
+        return None
+    parallel = section(cfg, "parallel", ParallelConfig)
+    model = _model(cfg)
+    if model is not None:
+        parallel.check_model(model)
+    if parallel.pp > 1 and recipe not in PIPELINED_RECIPES:
+        if recipe in READS_ANY_PP:
+            why = f"{recipe} runs unpipelined; it reads checkpoints saved at any pp"
+        else:
+            why = f"{recipe} does not run pipeline stages yet"
+        raise ConfigError(f"parallel.pp: {parallel.pp} is not supported here ({why}); set 1")
+    return parallel
