@@ -33,7 +33,7 @@ from megatron_ext.elastic.curriculum import step_generator
 from megatron_ext.elastic.feasible import FeasibleSet
 from megatron_ext.elastic.router import ElasticRouter, RouterOutput
 from megatron_ext.elastic.train_config import ElasticTrainConfig
-from megatron_ext.models.builder import causal_mask
+from megatron_ext.models.builder import attention_mask
 from megatron_ext.training.pipeline import is_last_stage, masked_mean
 
 CostError = Callable[[dict[str, Tensor]], Tensor]
@@ -105,7 +105,7 @@ class ElasticForwardStep:
         batch = next(data_iterator)
         out = self.route()
         tokens = batch["tokens"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
+        mask = attention_mask(model, tokens.shape[1], tokens.device)
         logits = model(tokens, batch["position_ids"], mask)
 
         def loss_func(student_logits: Tensor):

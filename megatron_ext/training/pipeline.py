@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_ext.models.builder import causal_mask
+from megatron_ext.models.builder import attention_mask
 
 Batch = dict[str, torch.Tensor]
 ForwardStep = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
@@ -111,7 +111,7 @@ def lm_forward_step(data_iterator, model: torch.nn.Module):
     out = model(
         tokens,
         batch["position_ids"],
-        causal_mask(tokens.shape[1], tokens.device),
+        attention_mask(model, tokens.shape[1], tokens.device),
         labels=batch["labels"],
     )
 
@@ -125,7 +125,9 @@ def lm_forward_step(data_iterator, model: torch.nn.Module):
 def _logits_step(data_iterator, model: torch.nn.Module):
     batch = next(data_iterator)
     tokens = batch["tokens"]
-    out = model(tokens, batch["position_ids"], causal_mask(tokens.shape[1], tokens.device))
+    out = model(
+        tokens, batch["position_ids"], attention_mask(model, tokens.shape[1], tokens.device)
+    )
 
     def keep(logits: torch.Tensor, non_loss_data: bool = True):
         return logits.detach()
