@@ -193,19 +193,24 @@ class ElasticConfig:
         defaults to TP.
         """
         full = self.full_widths(model)
+        other_model = (
+            f" (an elastic config is made for one model: for model={model.name} choose "
+            f"elastic={model.name} where conf/elastic/{model.name}.yaml exists, or write one)"
+        )
         for axis in self.axes:
             attr, symbol = AXIS_SOURCE[axis]
             require(
                 axis in full,
                 f"elastic.axes.{axis}",
-                f"model.pattern {model.pattern!r} has no {symbol!r} layers; remove this axis",
+                f"model.pattern {model.pattern!r} has no {symbol!r} layers; remove this axis"
+                + other_model,
             )
             first = self.axes[axis][0]
             require(
                 first == full[axis],
                 f"elastic.axes.{axis}",
                 f"first choice {first} must be the full width model.{attr}={full[axis]}; "
-                f"start the list with {full[axis]}",
+                f"start the list with {full[axis]}" + other_model,
             )
         for axis, choices in self.axes.items():
             rules = self._rules(axis, model, parallel)
