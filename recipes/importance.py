@@ -1,11 +1,13 @@
 """``star-elastic importance``: rank the parent's components and reorder its weights.
 
 Scores every elastic axis on calibration batches of the parent's data (forward only, at the
-configured TP/EP layout), turns them into permutations striped for ``importance.stripe_tp`` /
-``stripe_ep``, applies them to the unsharded (TP=1, EP=1) parent and saves that as a new
-torch_dist checkpoint. Writes ``scores.pt``, ``permutations.json``, ``summary.json`` and
-``checkpoints/{iter_0000000, elastic_layout.json}`` into ``run.dir`` (the layout file is
-also copied into ``iter_0000000``, outside its manifest, for readers given that directory).
+configured TP/EP layout), ranks the layers for the ``depth`` axis by the logit change when each
+is removed (on the first ``importance.depth_batches``), turns the width scores into
+permutations striped for ``importance.stripe_tp`` / ``stripe_ep``, applies them to the
+unsharded (TP=1, EP=1) parent and saves that as a new torch_dist checkpoint. Writes
+``scores.pt``, ``permutations.json``, ``summary.json`` and ``checkpoints/{iter_0000000,
+elastic_layout.json}`` (with the ``layer_order``) into ``run.dir`` (the layout file is also
+copied into ``iter_0000000``, outside its manifest, for readers given that directory).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import section, to_plain
 from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
+from megatron_ext.elastic.depth import layer_order, layer_removal_scores
 from megatron_ext.elastic.importance import ImportanceConfig, ImportanceResult, compute_importance
 from megatron_ext.elastic.reorder import (
     apply_permutations,
@@ -120,7 +123,15 @@ def run(cfg: DictConfig) -> dict:
         raise CheckpointError(f"parent.dir: no valid checkpoint under {parent_dir / 'checkpoints'}")
     CheckpointManager(parent_dir / "checkpoints", pgs).load(source, model, weights_only=True)
     main_print(f"scoring {source} on {imp.calib_batches} batches per data-parallel rank")
-    result = compute_importance(model, batches, pgs, num_batches=imp.calib_batches, progress=True)
+    calibration = [next(batches) for _ in range(imp.calib_batches)]
+    result = compute_importance(model, calibration, pgs, progress=True)
+    depth_scores: dict[int, float] = {}
+    order: tuple[int, ...] = ()
+    if imp.depth_batches:
+        depth_scores = layer_removal_scores(
+            model, calibration[: imp.depth_batches], pgs, progress=True
+        )
+        order = layer_order(depth_scores, model_cfg.pattern)
     perms = compute_permutations(
         result.scores, model_cfg, stripe_tp=imp.stripe_tp, stripe_ep=imp.stripe_ep
     )
@@ -143,6 +154,9 @@ def run(cfg: DictConfig) -> dict:
     record = layout_record(
         perms, imp.stripe_tp, imp.stripe_ep, parent_checkpoint=str(source), checkpoint=str(saved)
     )
+    if order:
+        record["layer_order"] = list(order)
+        record["depth_scores"] = {str(j): s for j, s in sorted(depth_scores.items())}
 
     summary = {
         "model": model_cfg.name,
@@ -158,6 +172,11 @@ def run(cfg: DictConfig) -> dict:
         "scored_at": scored_at,
         "reorder_logits_max_abs_diff": float(diff),
         "importance": result.summary(),
+        "depth": {
+            "batches": imp.depth_batches,
+            "scores": {str(j): s for j, s in sorted(depth_scores.items())},
+            "layer_order": list(order),
+        },
     }
     if is_main():
         save_model_config(model_cfg, run_dir)
@@ -187,6 +206,10 @@ def run(cfg: DictConfig) -> dict:
                 "calibration tokens": result.tokens,
                 "striped for (tp, ep)": f"{imp.stripe_tp}, {imp.stripe_ep}",
                 "reordered logits max |diff|": float(diff),
+                "depth ranking (layer: s_j)": ", ".join(
+                    f"{j}{model_cfg.pattern[j]}:{depth_scores[j]:.3g}" for j in order
+                )
+                or "none (importance.depth_batches=0)",
                 "checkpoint": str(saved),
             },
         )

@@ -16,7 +16,7 @@ from megatron_ext.elastic.budget_eval import (
     plot_budgets,
     save_choices,
 )
-from megatron_ext.elastic.config import ElasticConfig
+from megatron_ext.elastic.config import DEPTH, ElasticConfig
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.cost import CostModel, CostSpec
@@ -112,6 +112,11 @@ def run(cfg: DictConfig) -> dict:
     model_cfg = load_model_config(source)
     elastic.validate_for(model_cfg, parallel)
     stripes = StripeLayout.load(source / LAYOUT_DIR)
+    if DEPTH in elastic.axes and len(stripes.layer_order) != model_cfg.num_layers:
+        raise ConfigError(
+            f"elastic.axes.{DEPTH}: {source / LAYOUT_DIR} ranks no layers; rerun importance "
+            "with importance.depth_batches >= 1, or drop the depth axis"
+        )
 
     teacher = _load(model_cfg, parallel, pgs, source, cfg.model_backend).eval()
     teacher.requires_grad_(False)
@@ -121,7 +126,10 @@ def run(cfg: DictConfig) -> dict:
     router = ElasticRouter(elastic, router_cfg, layer_counts(elastic, model_cfg))
     spec = OmegaConf.to_container(cfg.cost)
     kinds = {b.kind for b in elastic.budgets} | {"params", "active_params"}
-    costs = {k: CostModel(model_cfg, CostSpec(kind=k, **spec)) for k in kinds}  # type: ignore[arg-type]
+    costs = {
+        k: CostModel(model_cfg, CostSpec(kind=k, **spec), stripes.layer_order)  # type: ignore[arg-type]
+        for k in kinds
+    }
 
     stages = _stages(curriculum, data_cfg, train_cfg, pgs, run_cfg.seed, len(elastic.budgets))
     eval_tc = TrainConfig(

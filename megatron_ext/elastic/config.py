@@ -23,7 +23,15 @@ AXES: tuple[str, ...] = (
     "moe_experts",
     "moe_ffn",
 )
-"""Every elastic axis. A budget keeps a top-ranked prefix along each."""
+"""Every elastic width axis. A budget keeps a top-ranked prefix along each."""
+
+DEPTH = "depth"
+"""The depth axis: a choice is the number of layers kept, the top-ranked ones by the layer
+importance recorded in the stripe layout (:mod:`megatron_ext.elastic.depth`); a skipped layer
+is the identity on the residual stream."""
+
+ELASTIC_AXES: tuple[str, ...] = (*AXES, DEPTH)
+"""Every axis a budget can shrink: the width axes, then depth."""
 
 BUDGET_KINDS: tuple[str, ...] = ("params", "active_params", "memory", "latency")
 """What a budget's ``target`` is a fraction of (in the full model)."""
@@ -82,7 +90,11 @@ class Budget:
         )
         self.widths = dict(self.widths)
         for axis, width in self.widths.items():
-            require(axis in AXES, f"{where}.widths", f"unknown axis {axis!r}; known: {AXES}")
+            require(
+                axis in ELASTIC_AXES,
+                f"{where}.widths",
+                f"unknown axis {axis!r}; known: {ELASTIC_AXES}",
+            )
             require(
                 _is_int(width) and width > 0,
                 f"{where}.widths.{axis}",
@@ -162,12 +174,16 @@ class ElasticConfig:
         )
 
     def full_widths(self, model: HybridModelConfig) -> dict[str, int]:
-        """Full width of every axis whose layer kind exists in ``model`` (``embedding`` always)."""
-        return {
+        """Full width of every axis whose layer kind exists in ``model`` (``embedding`` always;
+        ``depth``, the layer count, when depth is elastic)."""
+        widths = {
             axis: getattr(model, attr)
             for axis, (attr, symbol) in AXIS_SOURCE.items()
             if symbol is None or model.has(symbol)
         }
+        if DEPTH in self.axes:
+            widths[DEPTH] = model.num_layers
+        return widths
 
     def widths_for(
         self, budget_name: str, model: HybridModelConfig | None = None
@@ -197,7 +213,11 @@ class ElasticConfig:
             f" (an elastic config is made for one model: for model={model.name} choose "
             f"elastic={model.name} where conf/elastic/{model.name}.yaml exists, or write one)"
         )
+        if DEPTH in self.axes:
+            _check_depth(self.axes[DEPTH], model)
         for axis in self.axes:
+            if axis == DEPTH:
+                continue
             attr, symbol = AXIS_SOURCE[axis]
             require(
                 axis in full,
@@ -213,6 +233,8 @@ class ElasticConfig:
                 f"start the list with {full[axis]}" + other_model,
             )
         for axis, choices in self.axes.items():
+            if axis == DEPTH:
+                continue
             rules = self._rules(axis, model, parallel)
             step = math.lcm(*(r.mod // math.gcd(r.mult, r.mod) for r in rules))
             for choice in choices:
@@ -272,9 +294,32 @@ class ElasticConfig:
         return table[axis]
 
 
+def _check_depth(choices: list[int], model: HybridModelConfig) -> None:
+    """Depth choices: the first is every layer; each keeps at least one layer of every kind.
+
+    The layer ranking keeps the most important layer of each kind first
+    (:func:`megatron_ext.elastic.depth.layer_order`), so a depth of at least the number of
+    layer kinds keeps every kind the model has.
+    """
+    where = f"elastic.axes.{DEPTH}"
+    require(
+        choices[0] == model.num_layers,
+        where,
+        f"first choice {choices[0]} must be every layer, len(model.pattern)={model.num_layers}; "
+        f"start the list with {model.num_layers}",
+    )
+    kinds = len(set(model.pattern))
+    require(
+        choices[-1] >= kinds,
+        where,
+        f"choice {choices[-1]} would drop a whole layer kind: model.pattern "
+        f"{model.pattern!r} has {kinds} kinds, keep at least {kinds} layers",
+    )
+
+
 def _check_choices(axis: str, choices: list[int]) -> None:
     """Check one axis's choices on their own: known axis, positive, unique, descending."""
-    require(axis in AXES, "elastic.axes", f"unknown axis {axis!r}; known: {AXES}")
+    require(axis in ELASTIC_AXES, "elastic.axes", f"unknown axis {axis!r}; known: {ELASTIC_AXES}")
     where = f"elastic.axes.{axis}"
     require(bool(choices), where, "needs at least one choice (the full width)")
     for c in choices:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from megatron_ext.elastic import layout
-from megatron_ext.elastic.config import AXES, AXIS_SOURCE, COMPUTE_MODES
+from megatron_ext.elastic.config import AXIS_SOURCE, COMPUTE_MODES, DEPTH, ELASTIC_AXES
 from megatron_ext.models.config import HybridModelConfig
 
 NARROW_AXES: tuple[str, ...] = (
@@ -40,9 +40,10 @@ NARROW_AXES: tuple[str, ...] = (
     "attn_heads",
     "mamba_heads",
     "mamba_head_dim",
+    DEPTH,
 )
-"""Axes that narrow compute slices; the experts are masked in both modes (an inactive expert
-gets no tokens, so it costs nothing either way)."""
+"""Axes that narrow compute slices (``depth``: a skipped layer is not run); the experts are
+masked in both modes (an inactive expert gets no tokens, so it costs nothing either way)."""
 
 LAYOUT_FILE = "elastic_layout.json"
 T = TypeVar("T")
@@ -50,34 +51,61 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StripeLayout:
-    """The TP / EP stripe counts an elastic checkpoint's weights were reordered for.
+    """The TP / EP stripe counts an elastic checkpoint's weights were reordered for, and its
+    layer ranking.
 
     ``ffn`` and ``moe_ffn`` are striped over ``tp`` ranks (expert-TP defaults to TP),
     ``moe_experts`` over ``ep``; the other axes are never striped (docs/design.md invariant 3).
+    ``layer_order`` ranks the layers for the ``depth`` axis, most important first (global
+    layer indices, 0-based; :func:`megatron_ext.elastic.depth.layer_order`); a depth ``d``
+    keeps ``layer_order[:d]``. Empty: no ranking, only the full depth.
     """
 
     tp: int = 1
     ep: int = 1
+    layer_order: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.ep < 1:
             raise ValueError(f"stripe layout needs tp, ep >= 1, got tp={self.tp} ep={self.ep}")
+        order = tuple(int(i) for i in self.layer_order)
+        if sorted(order) != list(range(len(order))):
+            raise ValueError(f"layer_order {list(order)} is not a permutation of the layers")
+        object.__setattr__(self, "layer_order", order)
 
     def stripes(self, axis: str) -> int:
         """How many shards ``axis`` is striped round-robin over."""
         return {"ffn": self.tp, "moe_ffn": self.tp, "moe_experts": self.ep}.get(axis, 1)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``elastic_layout.json`` (``{"tp": T, "ep": E}``) into ``directory``."""
+        """Write ``elastic_layout.json`` (``{"tp": T, "ep": E, "layer_order": [...]}``)."""
         path = Path(directory) / LAYOUT_FILE
-        path.write_text(json.dumps({"tp": self.tp, "ep": self.ep}) + "\n")
+        data: dict[str, object] = {"tp": self.tp, "ep": self.ep}
+        if self.layer_order:
+            data["layer_order"] = list(self.layer_order)
+        path.write_text(json.dumps(data) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> StripeLayout:
-        """Read ``elastic_layout.json`` from ``directory``."""
+        """Read ``elastic_layout.json`` from ``directory`` (no ``layer_order``: unranked)."""
         data = json.loads((Path(directory) / LAYOUT_FILE).read_text())
-        return cls(tp=int(data["tp"]), ep=int(data["ep"]))
+        order = tuple(int(i) for i in data.get("layer_order", ()))
+        return cls(tp=int(data["tp"]), ep=int(data["ep"]), layer_order=order)
+
+    def kept_layers(self, depth: int, num_layers: int) -> list[int]:
+        """The global indices (ascending) of the layers a depth of ``depth`` keeps."""
+        if depth == num_layers:
+            return list(range(num_layers))
+        if len(self.layer_order) != num_layers:
+            raise ValueError(
+                f"depth {depth} < {num_layers} layers needs a layer ranking of all "
+                f"{num_layers} layers (elastic_layout.json layer_order, written by the "
+                f"importance recipe); this layout ranks {len(self.layer_order)}"
+            )
+        if not 1 <= depth <= num_layers:
+            raise ValueError(f"depth must be in [1, {num_layers}], got {depth}")
+        return sorted(self.layer_order[:depth])
 
 
 @dataclass(frozen=True)
@@ -104,12 +132,14 @@ WHOLE = Shard()
 
 
 def model_full_widths(model: HybridModelConfig) -> dict[str, int]:
-    """Full width of every elastic axis whose layer kind exists in ``model``."""
-    return {
+    """Full width of every elastic axis whose layer kind exists in ``model``, and its depth."""
+    widths = {
         axis: getattr(model, attr)
         for axis, (attr, symbol) in AXIS_SOURCE.items()
         if symbol is None or model.has(symbol)
     }
+    widths[DEPTH] = model.num_layers
+    return widths
 
 
 class ElasticController:
@@ -160,7 +190,7 @@ class ElasticController:
         for axis, width in widths.items():
             if axis not in self.full_widths:
                 known = sorted(self.full_widths)
-                hint = "" if axis in AXES else f"; the axes are {AXES}"
+                hint = "" if axis in ELASTIC_AXES else f"; the axes are {ELASTIC_AXES}"
                 raise ValueError(f"axis {axis!r} is not in this model (has {known}){hint}")
             full = self.full_widths[axis]
             if not isinstance(width, int) or not 1 <= width <= full:
@@ -356,15 +386,28 @@ class ElasticController:
             self._cache[key] = hit
         return hit  # type: ignore[return-value]
 
+    def layer_gate(self, index: int, device=None) -> Tensor | None:
+        """The soft ``depth`` gate of global layer ``index`` (0-dim), or ``None`` when unset."""
+        mask = self.soft_mask(DEPTH, WHOLE, device)
+        return None if mask is None else mask[index]
+
+    def layer_kept(self, index: int) -> bool:
+        """Whether global layer ``index`` is kept at the current depth."""
+        return bool(self._global_mask(DEPTH, self.widths[DEPTH])[index])
+
     def _global_mask(self, axis: str, width: int) -> Tensor:
         key = ("global", axis, width)
         hit = self._cache.get(key)
         if hit is None:
             n = self.full_widths[axis]
             try:
-                hit = layout.active_mask(
-                    n, width, self.stripes.stripes(axis), self.group_sizes.get(axis)
-                )
+                if axis == DEPTH:
+                    hit = torch.zeros(n, dtype=torch.bool)
+                    hit[self.stripes.kept_layers(width, n)] = True
+                else:
+                    hit = layout.active_mask(
+                        n, width, self.stripes.stripes(axis), self.group_sizes.get(axis)
+                    )
             except ValueError as e:
                 raise ValueError(f"width {width} of {axis!r} does not fit the layout: {e}") from e
             self._cache[key] = hit

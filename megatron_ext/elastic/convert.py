@@ -23,6 +23,8 @@ axis               modules
 ``ffn``            dense ``linear_fc2`` input; narrow: ``linear_fc1`` rows / ``linear_fc2`` cols
 ``moe_experts``    ``mlp.router``: inactive logits ``-inf`` before top-k
 ``moe_ffn``        each routed expert's ``linear_fc2`` input; narrow as ``ffn``
+``depth``          every ``decoder.layers.<i>``: a skipped layer returns its input (masked:
+                   after running, gated; narrow: not run, no inference cache)
 =================  ===========================================================================
 
 Under pipeline parallelism a stage's model holds only its own layers (the embedding on the
@@ -56,11 +58,13 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_attention import ElasticQKVLinearMixin, ElasticSelfAttentionMixin
 from megatron_ext.elastic.layers_base import is_elastic_module, make_elastic, make_plain
+from megatron_ext.elastic.layers_depth import ElasticLayerMixin
 from megatron_ext.elastic.layers_linear import ElasticColumnLinearMixin, ElasticRowLinearMixin
 from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin, ElasticMambaMixerMixin
 from megatron_ext.elastic.layers_moe import ElasticMoELayerMixin, ElasticRouterMixin
@@ -154,6 +158,14 @@ def _plan(model: nn.Module, ctrl: ElasticController) -> Iterator[Step]:
         yield decoder, ElasticStackMixin, {}  # a pipeline stage: full width at its boundaries
     for i, layer in enumerate(decoder.layers):
         where = f"decoder.layers.{i}"
+        index = layer.layer_number - 1  # global: layer_number counts from 1 across PP stages
+        if not 0 <= index < ctrl.full_widths["depth"]:
+            raise ValueError(
+                f"{where} is layer {index + 1} but the controller's model has "
+                f"{ctrl.full_widths['depth']} layers"
+            )
+        context = isinstance(layer, TransformerLayer)
+        yield layer, ElasticLayerMixin, {"elastic_index": index, "elastic_context": context}
         for attr, feeds in (
             ("norm", "mixer"),
             ("input_layernorm", "self_attention"),

@@ -23,13 +23,19 @@ exactly (``tests/unit/test_cost.py``). With ``H`` the hidden width, ``V`` the vo
 
 Active parameters replace the routed experts' ``E*(...)`` by ``top_k*(...)``
 (``megatron_ext.models.params``: every token visits ``top_k`` experts).
+
+Depth: every per-layer term counts the *kept* layers of its kind, ``n_kind(depth)``, from the
+layer ranking (``layer_order``, most important first); parameters, KV cache and SSM state of a
+skipped layer are gone. ``n_kind`` is a step function of the depth; for a tensor depth it is
+interpolated linearly between consecutive layer counts (exact at every integer depth), so
+the router's expected depth still gets a gradient.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -37,7 +43,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from megatron_ext.elastic.config import AXES, AXIS_SOURCE, BUDGET_KINDS
+from megatron_ext.elastic.config import AXES, AXIS_SOURCE, BUDGET_KINDS, DEPTH, ELASTIC_AXES
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 
 MAMBA_CONV_KERNEL = 4
@@ -162,13 +168,54 @@ class CostModel:
     every layer) with that axis at ``width`` and the others full, attributed to that axis;
     latency = sum over the listed axes of ``layers(axis) * interp(width)``, interpolated
     linearly between the listed widths (and extrapolated along the end segments).
+
+    ``n_attn``, ``n_mamba`` and every other layer count are those kept at ``widths["depth"]``
+    under ``layer_order`` (the stripe layout's ranking); without a ranking only the full
+    depth is allowed.
     """
 
-    def __init__(self, model: HybridModelConfig, spec: CostSpec) -> None:
+    def __init__(
+        self, model: HybridModelConfig, spec: CostSpec, layer_order: Sequence[int] = ()
+    ) -> None:
         self.model = model
         self.spec = spec
         self.full_widths = {axis: getattr(model, attr) for axis, (attr, _) in AXIS_SOURCE.items()}
+        self.full_widths[DEPTH] = model.num_layers
         self.table = load_latency_table(spec.latency_table) if spec.latency_table else None
+        self.layer_order = tuple(int(j) for j in layer_order)
+        if self.layer_order and sorted(self.layer_order) != list(range(model.num_layers)):
+            raise ValueError(
+                f"layer_order {list(self.layer_order)} is not a ranking of the "
+                f"{model.num_layers} layers of model.pattern {model.pattern!r}"
+            )
+        # symbol -> [(depth, layers of that kind kept at that depth)], depth 0..num_layers
+        self._kept: dict[str, list[tuple[float, float]]] = {}
+        for symbol in set(model.pattern):
+            kinds = [model.pattern[j] for j in self.layer_order]
+            counts = [float(kinds[:d].count(symbol)) for d in range(model.num_layers + 1)]
+            self._kept[symbol] = [(float(d), c) for d, c in enumerate(counts)]
+
+    def layers(self, w: Mapping[str, Num], symbol: str | None) -> Num:
+        """Layers of kind ``symbol`` (``None``: of every kind) kept at ``w["depth"]``."""
+        m = self.model
+        depth = w.get(DEPTH, m.num_layers)
+        if symbol is None:
+            return depth
+        at = float(depth.detach()) if isinstance(depth, Tensor) else float(depth)
+        if at == m.num_layers and not isinstance(depth, Tensor):
+            return m.count(symbol)
+        if not self.layer_order:
+            if at == m.num_layers:
+                return m.count(symbol)
+            raise ValueError(
+                f"depth {at:g} < {m.num_layers} layers needs the layer ranking: build the "
+                "CostModel with layer_order (StripeLayout.layer_order from the importance run)"
+            )
+        if symbol not in self._kept:
+            return 0
+        if isinstance(depth, Tensor):
+            return _interpolate(self._kept[symbol], depth)
+        return int(self._kept[symbol][int(depth)][1])
 
     def __call__(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """The cost of kind ``spec.kind`` at ``widths`` (missing axes: full)."""
@@ -196,7 +243,7 @@ class CostModel:
         d = w["mamba_heads"] * w["mamba_head_dim"]
         conv = (d + 2 * m.mamba_num_groups * m.mamba_state_dim) * (MAMBA_CONV_KERNEL - 1)
         state = s.batch * (d * m.mamba_state_dim + conv) * s.state_bytes
-        return weights + m.count("*") * kv + m.count("M") * state
+        return weights + self.layers(w, "*") * kv + self.layers(w, "M") * state
 
     def latency(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Latency proxy, or profiled seconds with ``spec.latency_table`` (class docstring)."""
@@ -204,20 +251,19 @@ class CostModel:
         if self.table is None:
             attn = 2 * w["attn_heads"] * m.kv_channels * s.seq_length**2
             tokens = self.active_params(widths) * s.seq_length
-            return s.batch * (tokens + m.count("*") * attn)
+            return s.batch * (tokens + self.layers(w, "*") * attn)
         total: Num = 0.0
         for axis, points in self.table.items():
             symbol = AXIS_SOURCE[axis][1]
-            layers = m.num_layers if symbol is None else m.count(symbol)
-            total = total + layers * _interpolate(points, w[axis])
+            total = total + self.layers(w, symbol) * _interpolate(points, w[axis])
         return _tensor(total)
 
     def _widths(self, widths: Mapping[str, Tensor | int] | None) -> dict[str, Num]:
         """Every axis's width: exact ints as given, tensors as float64 (keeping the graph)."""
         out: dict[str, Num] = dict(self.full_widths)
         for axis, width in (widths or {}).items():
-            if axis not in AXES:
-                raise ValueError(f"unknown axis {axis!r}; known: {AXES}")
+            if axis not in ELASTIC_AXES:
+                raise ValueError(f"unknown axis {axis!r}; known: {ELASTIC_AXES}")
             if isinstance(width, Tensor):
                 if width.dim() != 0:
                     raise ValueError(f"width of {axis!r} must be a 0-dim tensor, got {width.shape}")
@@ -239,16 +285,16 @@ class CostModel:
             bc = 2 * m.mamba_num_groups * m.mamba_state_dim
             conv = (d + bc) * (MAMBA_CONV_KERNEL + 1)  # weight [c, 1, K] and bias [c]
             mamba = h + h * (2 * d + bc + heads) + conv + 3 * heads + d + d * h
-            total = total + m.count("M") * mamba
+            total = total + self.layers(w, "M") * mamba
         if m.has("*"):
             q = w["attn_heads"] * m.kv_channels
             attn = h + h * (q + 2 * m.num_query_groups * m.kv_channels) + q * h
-            total = total + m.count("*") * attn
+            total = total + self.layers(w, "*") * attn
         if m.has("-"):
-            total = total + m.count("-") * (h + (glu + 1) * h * w["ffn"])
+            total = total + self.layers(w, "-") * (h + (glu + 1) * h * w["ffn"])
         if m.has("E"):
             shared = (glu + 1) * h * m.moe_shared_expert_ffn_hidden_size
-            total = total + m.count("E") * (h + w["moe_experts"] * h + shared)
+            total = total + self.layers(w, "E") * (h + w["moe_experts"] * h + shared)
         return total
 
     def _routed(self, w: dict[str, Num], experts: Num) -> Num:
@@ -257,7 +303,7 @@ class CostModel:
         if not m.has("E"):
             return 0
         glu = 2 if m.activation == "swiglu" else 1
-        return m.count("E") * experts * (glu + 1) * w["embedding"] * w["moe_ffn"]
+        return self.layers(w, "E") * experts * (glu + 1) * w["embedding"] * w["moe_ffn"]
 
 
 def _tensor(value: Num) -> Tensor:

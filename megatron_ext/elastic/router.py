@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from megatron_ext.elastic.config import AXIS_SOURCE, ElasticConfig
+from megatron_ext.elastic.config import AXIS_SOURCE, DEPTH, ElasticConfig
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 
 if TYPE_CHECKING:  # feasible -> cost -> the config registry, which imports this module
@@ -31,7 +31,11 @@ INPUTS: tuple[str, ...] = ("onehot", "continuous", "both")
 """Router input: one-hot over the budgets, the budget's target fraction, or both concatenated."""
 
 MODES: tuple[str, ...] = ("homogeneous", "heterogeneous")
-"""One choice per axis, or one per layer of that axis (``embedding`` is always homogeneous)."""
+"""One choice per axis, or one per layer of that axis (``embedding`` and ``depth``, which are
+model-wide, are always homogeneous)."""
+
+MODEL_WIDE: tuple[str, ...] = ("embedding", DEPTH)
+"""Axes with one width for the whole model, whatever the router mode."""
 
 
 @dataclass
@@ -154,9 +158,13 @@ class RouterOutput:
 
 
 def layer_counts(elastic: ElasticConfig, model: HybridModelConfig) -> dict[str, int]:
-    """How many layers of ``model`` carry each elastic axis (``embedding``: 1, it is global)."""
+    """How many layers of ``model`` carry each elastic axis (``embedding``, ``depth``: 1, they
+    are model-wide)."""
     counts = {}
     for axis in elastic.axes:
+        if axis == DEPTH:
+            counts[axis] = 1
+            continue
         symbol = AXIS_SOURCE[axis][1]
         counts[axis] = 1 if symbol is None else model.count(symbol)
     return counts
@@ -184,14 +192,14 @@ class ElasticRouter(nn.Module):
         self.layers = {axis: 1 for axis in self.choices}
         if self.cfg.mode == "heterogeneous":
             layers = dict(layers or {})
-            missing = [a for a in self.choices if a != "embedding" and a not in layers]
+            missing = [a for a in self.choices if a not in MODEL_WIDE and a not in layers]
             require(
                 not missing,
                 "router.mode",
                 f"heterogeneous mode needs layer counts for {missing} (see layer_counts)",
             )
             for axis in self.choices:
-                if axis != "embedding":
+                if axis not in MODEL_WIDE:
                     require(layers[axis] >= 1, f"layers.{axis}", "must be >= 1")
                     self.layers[axis] = int(layers[axis])
         n_in = (len(self.budget_names) if self.cfg.input != "continuous" else 0) + (
@@ -315,7 +323,7 @@ class ElasticRouter(nn.Module):
         return AxisChoice(probs[0], onehot[0], idx[0], widths[0], gate[0], expected[0])
 
     def _per_layer(self, axis: str) -> bool:
-        return self.cfg.mode == "heterogeneous" and axis != "embedding"
+        return self.cfg.mode == "heterogeneous" and axis not in MODEL_WIDE
 
     def select_homogeneous(
         self, budget: str | float, feasible: FeasibleSet | None = None

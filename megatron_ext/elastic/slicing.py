@@ -10,7 +10,10 @@ computes exactly what the elastic model computes at ``widths`` in masked mode:
   use the active channels' statistics, which the smaller RMSNorm computes over all of its;
 * heads, Mamba heads, Mamba head channels, FFN channels and experts are independent of each
   other; the Mamba gated norm's group size of the smaller model is its ``d_inner / ngroups``,
-  the active channels of each group.
+  the active channels of each group;
+* a layer the ``depth`` axis skips is the identity on the residual stream, so the slice
+  drops it: the kept layers are renumbered ``decoder.layers.0..`` in layer order and the
+  hybrid pattern shortens to theirs.
 
 Selection copies the kept runs of whole tensors once; :func:`save_slice` writes the result as
 a standalone ``torch_dist`` checkpoint with ``model_config.json`` beside it, from a model
@@ -28,8 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.config import DEPTH
+from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import elastic_controller
+from megatron_ext.elastic.depth import kept_pattern
 from megatron_ext.models.config import (
     MODEL_CONFIG_FILE,
     HybridModelConfig,
@@ -41,10 +46,18 @@ from megatron_ext.parallel import ParallelConfig
 MODEL_CONFIG = MODEL_CONFIG_FILE
 
 _EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)(?P<tail>\..*)$")
+_LAYER = re.compile(r"^(?P<head>decoder\.layers\.)(?P<i>\d+)(?P<tail>\..*)$")
 
 
-def sliced_config(model: HybridModelConfig, widths: dict[str, int]) -> HybridModelConfig:
-    """``model`` with every elastic width replaced by its value in ``widths``."""
+def sliced_config(
+    model: HybridModelConfig, widths: dict[str, int], stripes: StripeLayout | None = None
+) -> HybridModelConfig:
+    """``model`` with every elastic width replaced by its value in ``widths``; a ``depth``
+    below the layer count keeps the layers ``stripes.layer_order`` ranks first (the pattern
+    shortens to theirs)."""
+    widths = dict(widths)
+    depth = widths.pop(DEPTH, model.num_layers)
+    kept = (stripes or StripeLayout()).kept_layers(depth, model.num_layers)
     fields = {
         "embedding": "hidden_size",
         "attn_heads": "num_attention_heads",
@@ -55,6 +68,7 @@ def sliced_config(model: HybridModelConfig, widths: dict[str, int]) -> HybridMod
         "moe_ffn": "moe_ffn_hidden_size",
     }
     changes: dict[str, Any] = {fields[axis]: width for axis, width in widths.items()}
+    changes["pattern"] = kept_pattern(model.pattern, kept)
     return dataclasses.replace(model, name=f"{model.name}_slice", **changes)
 
 
@@ -174,10 +188,10 @@ def slice_key_map(
     """Where each of ``keys`` (full-model state-dict names) lands in the slice at ``widths``:
     routed experts are renumbered in position order; dropped experts are absent."""
     probe = ElasticController(controller.model, controller.stripes, widths=widths)
-    kept = _kept_experts(_Selection(probe))
+    kept, layers = _kept_experts(_Selection(probe)), _kept_layers(probe)
     out = {}
     for key in keys:
-        renamed = _renamed(key, kept)
+        renamed = _renamed(key, kept, layers)
         if renamed is not None:
             out[key] = renamed
     return out
@@ -190,7 +204,19 @@ def _kept_experts(select: _Selection) -> dict[int, int]:
     return {int(j): i for i, j in enumerate(kept)}
 
 
-def _renamed(key: str, kept_experts: dict[int, int]) -> str | None:
+def _kept_layers(ctrl: ElasticController) -> dict[int, int]:
+    """Global index of every kept layer -> its index in the slice (layer order)."""
+    kept = _index(ctrl.global_mask(DEPTH), torch.device("cpu")).tolist()
+    return {int(j): i for i, j in enumerate(kept)}
+
+
+def _renamed(key: str, kept_experts: dict[int, int], kept_layers: dict[int, int]) -> str | None:
+    layer = _LAYER.match(key)
+    if layer is not None:
+        i = int(layer["i"])
+        if i not in kept_layers:
+            return None
+        key = f"{layer['head']}{kept_layers[i]}{layer['tail']}"
     match = _EXPERT.match(key)
     if match is None:
         return key
@@ -214,17 +240,17 @@ def slice_model(
     _check_unsharded(model)
     probe = ElasticController(ctrl.model, ctrl.stripes, widths=widths)
     select = _Selection(probe)
-    kept_experts = _kept_experts(select)
+    kept_experts, kept_layers = _kept_experts(select), _kept_layers(probe)
     out: dict[str, Any] = {}
     for full_key, value in model.state_dict().items():
-        key = _renamed(full_key, kept_experts)
+        key = _renamed(full_key, kept_experts, kept_layers)
         if key is None:
             continue
         if not isinstance(value, Tensor) or key.endswith("_extra_state"):
             out[key] = value
             continue
         out[key] = _select(key, value, select.rules(key))
-    return sliced_config(ctrl.model, probe.widths), out
+    return sliced_config(ctrl.model, probe.widths, ctrl.stripes), out
 
 
 _MAX_RUNS = 64  # more contiguous runs than this: one index_select is cheaper than the pieces

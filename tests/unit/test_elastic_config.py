@@ -62,8 +62,18 @@ def test_valid_tiny_config_passes(axes, parallel):
 
 
 def test_unknown_axis_is_rejected():
-    with _raises("elastic.axes", "unknown axis 'depth'"):
-        _cfg({"depth": [8, 4]})
+    with _raises("elastic.axes", "unknown axis 'layers'"):
+        _cfg({"layers": [8, 4]})
+
+
+def test_depth_choices_start_at_every_layer_and_keep_every_layer_kind():
+    model = HybridModelConfig()  # "M*ME-M*E": 8 layers of 4 kinds
+    _cfg({**AXES_TP1, "depth": [8, 6, 4]}).validate_for(model, ParallelConfig())
+    with _raises("elastic.axes.depth", "first choice 7", "start the list with 8"):
+        _cfg({"depth": [7, 5]}).validate_for(model, ParallelConfig())
+    with _raises("elastic.axes.depth", "choice 3 would drop a whole layer kind", "at least 4"):
+        _cfg({"depth": [8, 3]}).validate_for(model, ParallelConfig())
+    assert _cfg({"depth": [8, 6]}).full_widths(model)["depth"] == 8
 
 
 def test_choices_must_be_positive_integers():
@@ -104,7 +114,7 @@ def test_budget_kind_and_name_are_checked():
     with _raises("elastic.budgets[].name"):
         Budget("", 0.5)
     with _raises("elastic.budgets[b].widths", "unknown axis"):
-        Budget("b", 0.5, widths={"depth": 4})
+        Budget("b", 0.5, widths={"layers": 4})
 
 
 def test_explicit_widths_must_be_among_the_axis_choices():
