@@ -46,11 +46,12 @@ Scores = dict[str, dict[int, Tensor]]
 class ImportanceConfig:
     """The ``importance:`` block of the importance recipe.
 
-    ``calib_batches`` micro-batches of ``micro_batch_size x seq_length`` tokens per DP rank
-    are scored; the reordered checkpoint is striped for ``stripe_tp`` TP ranks (heads, FFN
-    channels) and ``stripe_ep`` EP ranks (experts). The first ``depth_batches`` of them also
-    score every layer for the ``depth`` axis (:mod:`megatron_ext.elastic.depth`: one forward
-    pass per layer and batch); 0 ranks no layers, and the checkpoint allows only full depth.
+        ``calib_batches`` micro-batches of ``micro_batch_size x seq_length`` tokens per DP rank
+        are scored; the reordered checkpoint is striped for ``stripe_tp`` TP ranks (heads, FFN
+        channels) and ``stripe_ep`` EP ranks (experts). The first ``depth_batches`` of them (all,
+    when there are fewer) also
+        score every layer for the ``depth`` axis (:mod:`megatron_ext.elastic.depth`: one forward
+        pass per layer and batch); 0 ranks no layers, and the checkpoint allows only full depth.
     """
 
     calib_batches: int = 16
@@ -66,11 +67,6 @@ class ImportanceConfig:
             isinstance(value, int) and not isinstance(value, bool) and value >= 0,
             "importance.depth_batches",
             f"{value!r} must be an integer >= 0 (0 = no depth ranking)",
-        )
-        require(
-            value <= self.calib_batches,
-            "importance.depth_batches",
-            f"{value} must be <= importance.calib_batches={self.calib_batches} (a subset of them)",
         )
         for name in ("calib_batches", "seq_length", "micro_batch_size", "stripe_tp", "stripe_ep"):
             value = getattr(self, name)

@@ -7,8 +7,9 @@ The reference is the elastic model at TP=1 / EP=1 (both ranks hold the same repl
 with the stripe layout of the run compared against (TP=2 / EP=2 for the TP=2 case, TP=1 /
 EP=2 for the EP=2 case, so narrow compute has a local prefix on every rank). Its weights
 move to the other layouts through megatron-core ``dist_checkpointing`` (saved at TP=1,
-loaded at TP=2 or EP=2); the TP=1 slice of the small budget is saved with ``save_slice``
-and loaded at TP=2 / EP=2 as a plain smaller model.
+loaded at TP=2 or EP=2); the TP=1 slices of the small budget and of the small budget with
+fewer layers (``depth``) are saved with ``save_slice`` and loaded at TP=2 / EP=2 as plain
+smaller models.
 Vocab-parallel logits are gathered over the TP group before comparing.
 """
 
@@ -38,7 +39,10 @@ SEED = 4321
 MODEL = HybridModelConfig()
 # Narrow compute needs the stripes of the run (a local prefix per rank); masked compute and
 # slicing work with any. The slice is cut with TP2_EP2 in both cases.
-TP2_EP2, TP1_EP2 = StripeLayout(tp=2, ep=2), StripeLayout(tp=1, ep=2)
+# The layer ranking of the depth axis: depth 5 keeps layers 0, 1, 3, 4, 6 ("M*E-*").
+ORDER = (1, 0, 3, 4, 6, 5, 2, 7)
+TP2_EP2 = StripeLayout(tp=2, ep=2, layer_order=ORDER)
+TP1_EP2 = StripeLayout(tp=1, ep=2, layer_order=ORDER)
 SMALL = {
     "embedding": 96,
     "attn_heads": 2,
@@ -48,8 +52,16 @@ SMALL = {
     "moe_experts": 4,
     "moe_ffn": 32,
 }
-BUDGETS = {"full": {}, **{axis: {axis: w} for axis, w in SMALL.items()}, "all": SMALL}
+SHALLOW = {**SMALL, "depth": 5}
+BUDGETS = {
+    "full": {},
+    **{axis: {axis: w} for axis, w in SMALL.items()},
+    "all": SMALL,
+    "depth": {"depth": 5},
+    "all_depth": SHALLOW,
+}
 NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
+NARROW += ("depth", "all_depth")
 
 
 def layout(tp: int = 1, ep: int = 1):
@@ -124,6 +136,7 @@ def reference(work: Path) -> dict:
             with ctrl.at(widths):
                 ref[stripes][name] = logits(model, pgs)
         save_slice(model, SMALL, fresh_dir(work / "slice"), pgs)
+        save_slice(model, SHALLOW, fresh_dir(work / "slice_depth"), pgs)
         export(model)
     return ref
 
@@ -148,12 +161,16 @@ def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) 
             with ctrl.at(widths, mode="narrow"):
                 result["narrow"][name] = (logits(model, pgs) - ref[name]).abs().max().item()
     result["narrow_grad_gap"] = narrow_grad_gap(model, ctrl, BUDGETS["all"])
-    # the TP=1 slice loads as a plain smaller model at this layout
-    config = HybridModelConfig(**json.loads((work / "slice" / MODEL_CONFIG).read_text()))
-    small = build_model(config, par, pgs).eval()
-    path = work / "slice" / "iter_0000000"
-    small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
-    result["slice_vs_masked"] = (logits(small, pgs) - refs[TP2_EP2]["all"]).abs().max().item()
+    result["narrow_grad_gap_depth"] = narrow_grad_gap(model, ctrl, SHALLOW)
+    # the TP=1 slices load as plain smaller models at this layout
+    for key, folder, budget in (("", "slice", "all"), ("_depth", "slice_depth", "all_depth")):
+        config = HybridModelConfig(**json.loads((work / folder / MODEL_CONFIG).read_text()))
+        small = build_model(config, par, pgs).eval()
+        path = work / folder / "iter_0000000"
+        small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
+        diff = (logits(small, pgs) - refs[TP2_EP2][budget]).abs().max().item()
+        result[f"slice_vs_masked{key}"] = diff
+        result[f"slice_layers{key}"] = config.num_layers
     result["tp"], result["ep"] = pgs.tp.size(), pgs.ep.size()
     return result
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint import save_sharded
+from megatron_ext.elastic.depth import layer_removal_scores
 from megatron_ext.elastic.importance import compute_importance
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import HybridModelConfig
@@ -90,6 +91,8 @@ def scores_at(weights: Path, tp: int, ep: int) -> dict:
     model = build_model(MODEL, par, pgs)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(weights)))
     result = plain(compute_importance(model, batches(par.dp), pgs))
+    depth = layer_removal_scores(model, batches(par.dp), pgs)  # logits vocab-parallel at TP=2
+    result["depth"] = {str(j): [s] for j, s in sorted(depth.items())}
     everyone: list = [None] * NPROC
     dist.all_gather_object(everyone, result)
     return {"scores": result, "ranks_identical": all(r == everyone[0] for r in everyone)}
@@ -151,6 +154,8 @@ def recipe_tp2(work: Path) -> dict:
         "saved_layout": manifest["layout"],
         "stripe": [layout_file["tp"], layout_file["ep"]],
         "layout_axes": sorted(layout_file["permutations"]),
+        "layer_order": layout_file.get("layer_order"),
+        "depth_ranking": summary["depth"]["layer_order"],
         "files": sorted(p.name for p in (work / "importance").iterdir()),
     }
 

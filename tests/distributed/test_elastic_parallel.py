@@ -31,8 +31,11 @@ BUDGETS = (
     "moe_experts",
     "moe_ffn",
     "all",
+    "depth",
+    "all_depth",
 )
 NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
+NARROW += ("depth", "all_depth")  # depth 5 of 8 layers, alone and with every width small
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +75,19 @@ def test_elastic_narrow_gradients_equal_masked_gradients_at_tp2_and_ep2(results,
     """
     gap = case(results, name)["narrow_grad_gap"]
     assert 0 <= gap <= 1e-5, gap
+    gap = case(results, name)["narrow_grad_gap_depth"]  # three layers skipped, not run
+    assert 0 <= gap <= 1e-5, gap
 
 
 @pytest.mark.parametrize("name", ["tp2", "ep2"])
 def test_tp1_slice_loaded_at_another_layout_equals_elastic_logits(results, name):
     result = case(results, name)
     assert result["slice_vs_masked"] <= ATOL, result["slice_vs_masked"]
+
+
+@pytest.mark.parametrize("name", ["tp2", "ep2"])
+def test_tp1_depth_slice_loaded_at_another_layout_equals_elastic_logits(results, name):
+    """The slice drops the 3 skipped layers (8 -> 5, renumbered) and keeps the logits."""
+    result = case(results, name)
+    assert result["slice_layers_depth"] == 5
+    assert result["slice_vs_masked_depth"] <= ATOL, result["slice_vs_masked_depth"]

@@ -28,7 +28,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_tp1_reference_scores_every_axis_identically_on_both_ranks(results):
     ref = case(results, "tp1")
     assert ref["ranks_identical"]
-    assert set(ref["axes"]) == set(AXES)
+    assert set(ref["axes"]) == {*AXES, "depth"}  # depth: s_j of every layer
     assert ref["tokens"] == 4 * 2 * 64
 
 
@@ -51,5 +51,7 @@ def test_recipe_scores_at_tp2_and_saves_the_reordered_parent_at_tp1(results):
     assert got["saved_layout"]["tp"] == 1 and got["saved_layout"]["dp"] == 2
     assert got["stripe"] == [2, 1]
     assert set(got["layout_axes"]) == set(AXES)
+    assert sorted(got["layer_order"]) == list(range(8))  # the depth ranking, every layer
+    assert got["layer_order"] == got["depth_ranking"]
     for name in ("scores.pt", "permutations.json", "summary.json", "checkpoints"):
         assert name in got["files"], name

@@ -156,3 +156,34 @@ def test_nemo_keeps_a_hugging_face_tokenizer_as_a_context_artifact(model, pgs, t
     text = "déjà vu"
     assert tok.text_to_ids(text) == ByteTokenizer().encode(text)
     assert torch.tensor(tok.text_to_ids(text)).max() < 256
+
+
+@needs_nemo
+def test_nemo_exports_a_depth_slice_with_the_shortened_pattern(pgs, tmp_path):
+    """A budget with 5 of 8 layers: NeMo's config reads the kept layers' pattern back, and
+    the weights (renumbered layers) load to the elastic model's logits."""
+    from nemo.lightning.io import load_context
+
+    from megatron_ext.elastic.controller import ElasticController
+    from megatron_ext.elastic.convert import convert_to_elastic
+    from megatron_ext.export.nemo import load_nemo
+    from tests.export.test_depth_export import KEPT_PATTERN, STRIPES, depth_widths
+
+    model = build(pgs)
+    ctrl = ElasticController(MODEL, STRIPES)
+    convert_to_elastic(model, ctrl)
+    with ctrl.at(depth_widths(), mode="masked"):
+        expected = logits(model)
+    result = export_slice(
+        "nemo",
+        model,
+        depth_widths(),
+        tmp_path / "nemo",
+        controller=ctrl,
+        tokenizer=ByteTokenizer(),
+        pg_collection=pgs,
+    )
+    config = load_context(result.path / "context", subpath="model").config
+    assert config.num_layers == 5 and config.hybrid_override_pattern == KEPT_PATTERN
+    reloaded = load_nemo(result.path, pgs).eval()
+    assert max_diff(logits(reloaded), expected) <= OWN_ATOL

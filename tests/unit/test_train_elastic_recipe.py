@@ -87,3 +87,25 @@ def test_narrow_compute_run_trains_and_evaluates_like_the_masked_run(
         got = narrow["budgets"][name]
         assert abs(got["val_loss"] - figures["val_loss"]) <= 0.5, (name, got, figures)
         assert got["cost_error"] <= 0.015
+
+
+def test_depth_axis_run_in_narrow_compute_gives_the_small_budget_fewer_layers(
+    tmp_path, importance_run, data_overrides
+):
+    """``elastic=tiny_depth``: the router chooses depth jointly with the widths. S's target
+    (0.25 of the parameters) is out of reach at full depth, so S must skip layers; every
+    choice stays within router.budget_tolerance, and narrow compute trains through it."""
+    layout = json.loads((importance_run / "checkpoints" / "elastic_layout.json").read_text())
+    assert sorted(layout["layer_order"]) == list(range(8))
+    summary = _run(
+        tmp_path / "depth",
+        importance_run,
+        data_overrides,
+        "elastic=tiny_depth",
+        "elastic.compute=narrow",
+    )
+    depths = {name: f["router_choice"]["depth"] for name, f in summary["budgets"].items()}
+    assert depths["S"] < 8 and depths["L"] == 8, depths
+    for name, figures in summary["budgets"].items():
+        assert figures["cost_error"] <= 0.015, name
+        assert 0 < figures["val_loss"] < 10, name
