@@ -214,7 +214,7 @@ class ElasticConfig:
             f"elastic={model.name} where conf/elastic/{model.name}.yaml exists, or write one)"
         )
         if DEPTH in self.axes:
-            _check_depth(self.axes[DEPTH], model)
+            _check_depth(self.axes[DEPTH], model, other_model)
         for axis in self.axes:
             if axis == DEPTH:
                 continue
@@ -294,7 +294,7 @@ class ElasticConfig:
         return table[axis]
 
 
-def _check_depth(choices: list[int], model: HybridModelConfig) -> None:
+def _check_depth(choices: list[int], model: HybridModelConfig, hint: str = "") -> None:
     """Depth choices: the first is every layer; each keeps at least one layer of every kind.
 
     The layer ranking keeps the most important layer of each kind first
@@ -306,7 +306,7 @@ def _check_depth(choices: list[int], model: HybridModelConfig) -> None:
         choices[0] == model.num_layers,
         where,
         f"first choice {choices[0]} must be every layer, len(model.pattern)={model.num_layers}; "
-        f"start the list with {model.num_layers}",
+        f"start the list with {model.num_layers}" + hint,
     )
     kinds = len(set(model.pattern))
     require(
