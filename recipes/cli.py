@@ -66,6 +66,7 @@ def usage() -> str:
     """The help text listing every recipe."""
     lines = ["usage: star-elastic <recipe> [key=value ...]", "", "recipes:"]
     lines += [f"  {name:<14} {desc}" for name, (_, _, desc) in RECIPES.items()]
+    lines += [f"  {'plan':<14} per-rank memory of train-elastic (or: plan train-parent ...)"]
     lines += ["", "Overrides are Hydra syntax, e.g. model=nano_v3 parallel=tp2 run.dir=runs/x"]
     lines += ["star-elastic <recipe> --help: the recipe's config groups and default config"]
     lines += ["star-elastic <recipe> [overrides] --cfg job: the composed config, nothing run"]
@@ -101,6 +102,26 @@ def _cfg_flag(overrides: list[str]) -> tuple[list[str], str | None]:
     return overrides, None
 
 
+PLANNED = ("train-elastic", "train-parent")  # the recipes `plan` knows; slurm plans them first
+
+
+def plan_main(overrides: list[str]) -> int:
+    """``plan [train-elastic|train-parent] [overrides]``: print the plan; 2 if it cannot fit."""
+    from megatron_ext.config.compose import compose_recipe
+    from megatron_ext.models.config import ConfigError
+
+    recipe = "train-elastic"
+    if overrides and overrides[0] in PLANNED:
+        recipe, overrides = overrides[0], overrides[1:]
+    try:
+        cfg = compose_recipe(RECIPES[recipe][0], overrides)
+        importlib.import_module("recipes.plan").run(cfg, recipe)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compose the recipe's config, start torchrun if needed, and run the recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -118,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noise in noisy:
         warnings.filterwarnings("ignore", message=noise)
+    if recipe == "plan":
+        return plan_main(overrides)
     if recipe not in RECIPES:
         print(f"unknown recipe {recipe!r}\n\n{usage()}", file=sys.stderr)
         return 2
@@ -145,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             from launch.slurm import in_slurm_job, submit
 
             if not in_slurm_job():  # inside, the job script already runs this with cluster=local
+                if recipe in PLANNED:  # refuses, naming the component, a run that cannot fit
+                    importlib.import_module("recipes.plan").run(cfg, recipe, sys.stderr)
                 return submit(recipe, overrides, cfg)
         nproc = int(cfg.parallel.nproc) if "parallel" in cfg else 1
         if nproc > 1 and not under_distributed_launcher():

@@ -177,12 +177,15 @@ class ClusterConfig:
     python: str = ""  # the interpreter on the compute nodes; empty: this one (sys.executable)
     workdir: str = ""  # where the job runs; empty: the submitting working directory
     port: int = 0  # rendezvous port on the first node; 0: derived from the job id
+    # memory of one GPU in GiB, which `star-elastic plan` checks every rank against (0: unknown)
+    gpu_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.kind in ("local", "slurm"), "cluster.kind", "must be 'local' or 'slurm'")
         require(self.nodes >= 1, "cluster.nodes", "must be >= 1")
         require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0 (0 = CPU tasks)")
         require(self.cpus_per_task >= 1, "cluster.cpus_per_task", "must be >= 1")
+        require(self.gpu_memory_gb >= 0, "cluster.gpu_memory_gb", "must be >= 0 (0 = unknown)")
         require(self.signal_seconds >= 0, "cluster.signal_seconds", "must be >= 0 (0 = none)")
         require(
             self.port == 0 or 1024 <= self.port <= 65535,

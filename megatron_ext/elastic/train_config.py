@@ -26,6 +26,9 @@ class ElasticTrainConfig:
     # behind the residual norms, so on small runs that share can pull the router off budget.
     router_task_weight: float = 1.0
     ce_weight: float = 0.0
+    # positions of the (local) sequence whose logits the distillation computes at once
+    # (megatron_ext.distill_chunked); 0 = the whole sequence's logits at once
+    kd_chunk_size: int = 1024
     warmup_steps: int = 20
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -58,4 +61,5 @@ class ElasticTrainConfig:
             "router_task_weight",
         ):
             require(getattr(self, field) >= 0, f"elastic_train.{field}", "must be >= 0")
+        require(self.kd_chunk_size >= 0, "elastic_train.kd_chunk_size", "must be >= 0 (0 = whole)")
         require(self.stop_at >= 0, "elastic_train.stop_at", "must be >= 0 (0 = no early stop)")
