@@ -15,6 +15,7 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.slice_run import load_source, requested_widths, widths_source
 from megatron_ext.export import FORMATS, ExportError, export_slice
+from megatron_ext.export.hf.elastic import ELASTIC_BUDGET, save_elastic_hf
 from megatron_ext.export.storage import compare_storage
 from megatron_ext.export.tokenizer import source_data_config
 from megatron_ext.models.config import ConfigError
@@ -51,6 +52,9 @@ def run(cfg: DictConfig) -> dict:
     elastic = section(cfg, "elastic", ElasticConfig)
     run_cfg = section(cfg, "run", RunConfig)
     formats = _formats(str(cfg.format))
+    whole = str(cfg.budget) == ELASTIC_BUDGET  # the whole elastic model as one HF directory
+    if whole and formats != ["hf"]:
+        raise ConfigError(f"budget: {ELASTIC_BUDGET!r} is written only with format=hf")
     source_dir = Path(str(cfg.source.dir))
     pgs = init_distributed(ParallelConfig())  # slicing reads the unsharded (TP=1) weights
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
@@ -59,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     elastic.validate_for(model_cfg, ParallelConfig())
     _check_formats(formats, model_cfg)
     chosen = load_choices(source_dir)  # the router's choices, when source.dir is an elastic run
-    budgets = requested_widths(elastic, model_cfg, str(cfg.budget), {}, chosen)
+    budgets = requested_widths(elastic, model_cfg, "all" if whole else str(cfg.budget), {}, chosen)
     controller = ElasticController(model_cfg, stripes=stripes, mode="masked")
     data, data_from = source_data_config(source_dir, section(cfg, "data", DataConfig))
     tokenizer = tokenizer_for(data)
@@ -70,6 +74,23 @@ def run(cfg: DictConfig) -> dict:
         )
     out_dir = Path(str(cfg.out_dir)) if cfg.out_dir else run_dir / "export"
     results = []
+    if whole:
+        result = save_elastic_hf(
+            model,
+            model_cfg,
+            budgets,
+            stripes,
+            out_dir / "hf" / ELASTIC_BUDGET,
+            widths_from={name: widths_source(name, chosen) for name in budgets},
+            tokenizer=tokenizer,
+            max_shard_bytes=int(cfg.hf.max_shard_bytes),
+        )
+        result.extra["widths"] = budgets
+        result.extra["widths_from"] = "; ".join(
+            f"{name}: {widths_source(name, chosen)}" for name in budgets
+        )
+        results.append(result)
+        budgets = {}
     for name, widths in budgets.items():
         for fmt in formats:
             extra = {"max_shard_bytes": int(cfg.hf.max_shard_bytes)} if fmt == "hf" else {}

@@ -16,11 +16,38 @@ from megatron_ext.elastic.slice_run import (
     widths_source,
     write_slices,
 )
+from megatron_ext.export import ExportError
+from megatron_ext.export.hf.elastic import elastic_budget_widths, is_elastic_hf, slice_elastic_hf
+from megatron_ext.models.config import ConfigError
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, write_summary
 from megatron_ext.runtime import prepare_run_dir
 from megatron_ext.training.data import build_batches
 from megatron_ext.training.loop import evaluate
+
+
+def _slice_elastic_hf(cfg: DictConfig, source_dir: Path, run_cfg: RunConfig, pgs) -> dict:
+    """``slice`` of an elastic HF directory (``export budget=elastic format=hf``): each
+    requested budget as a standalone HF model under ``<run.dir>/slices/<budget>``."""
+    if OmegaConf.to_container(cfg.widths):
+        raise ConfigError("widths: an elastic HF directory is sliced at its budgets' widths")
+    try:
+        names = list(elastic_budget_widths(source_dir, str(cfg.budget)))
+    except ExportError as err:
+        raise ConfigError(str(err)) from err
+    run_dir = prepare_run_dir(cfg, run_cfg.dir)
+    results = [slice_elastic_hf(source_dir, name, run_dir / "slices" / name, pgs) for name in names]
+    summary = {
+        "source": str(source_dir),
+        "source_kind": "elastic hf",
+        "budgets": {r.budget: r.as_dict() for r in results},
+    }
+    write_summary(run_dir, summary)
+    rows = [[r.budget, r.extra.get("architecture"), r.files, r.bytes, str(r.path)] for r in results]
+    print(f"standalone Hugging Face slices of {source_dir}")
+    print(format_table(["budget", "architecture", "files", "bytes", "path"], rows))
+    destroy_distributed()
+    return summary
 
 
 def run(cfg: DictConfig) -> dict:
@@ -29,6 +56,8 @@ def run(cfg: DictConfig) -> dict:
     run_cfg = section(cfg, "run", RunConfig)
     source_dir = Path(str(cfg.source.dir))
     pgs = init_distributed(ParallelConfig())  # slicing reads the unsharded (TP=1) weights
+    if is_elastic_hf(source_dir):  # one elastic HF directory: standalone HF models out of it
+        return _slice_elastic_hf(cfg, source_dir, run_cfg, pgs)
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
     set_seed(run_cfg.seed)
     model, stripes, model_cfg = load_source(source_dir, pgs, cfg.model_backend)

@@ -31,6 +31,7 @@ from megatron_ext.elastic.config import Budget
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.slice_run import load_source
+from megatron_ext.export.hf import read_safetensors
 from megatron_ext.models.config import load_model_config
 from megatron_ext.parallel import ParallelConfig, init_distributed
 from recipes import export, import_hf, importance, slice, train_elastic
@@ -109,6 +110,12 @@ def pipeline(request, tmp_path_factory, data_overrides):
     out["export"] = export.run(_with_elastic(exp, family))
     sl = compose_recipe("slice", [*source, f"run.dir={dirs['slice']}", "eval.enabled=false"])
     out["slice"] = slice.run(_with_elastic(sl, family))
+    whole = [f"source.dir={dirs['elastic']}", "budget=elastic", "format=hf"]
+    exp = compose_recipe("export", [*whole, f"run.dir={root / 'whole'}", "sizes.separate=false"])
+    out["whole"] = export.run(_with_elastic(exp, family))
+    (entry,) = out["whole"]["exports"]
+    from_hf = [f"source.dir={entry['path']}", "budget=all", f"run.dir={root / 'from_hf'}"]
+    out["from_hf"] = slice.run(compose_recipe("slice", from_hf))
     return out
 
 
@@ -149,3 +156,23 @@ def test_export_loads_in_transformers_with_the_elastic_models_logits(pipeline):
         hf = transformers.AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32)
         diff = (hf_logits(hf.eval()) - expected).abs().max().item()
         assert diff <= ATOL, f"{entry['budget']}: max |transformers - elastic| = {diff:.3g}"
+
+
+def test_one_elastic_hf_dir_slices_into_the_same_standalone_models(pipeline):
+    """``export budget=elastic format=hf`` then ``slice source.dir=<it>``, without the run,
+    gives for every budget the very tensors and config the run's own export wrote."""
+    (whole,) = pipeline["whole"]["exports"]
+    config = json.loads((Path(whole["path"]) / "config.json").read_text())
+    assert config["architectures"] == [CLASSES[pipeline["family"]]]
+    exports = {e["budget"]: e for e in pipeline["export"]["exports"]}
+    assert config["elastic"]["budgets"] == {name: e["widths"] for name, e in exports.items()}
+    for name, entry in pipeline["from_hf"]["budgets"].items():
+        ours, theirs = Path(entry["path"]), Path(exports[name]["path"])
+        assert load_model_config(ours) == load_model_config(theirs)
+        a, b = read_safetensors(ours), read_safetensors(theirs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # transformers reads the elastic directory itself as the full-width elastic model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(whole["path"], dtype=torch.float32)
+    model, _, _ = load_source(pipeline["dirs"]["elastic"], init_distributed(ParallelConfig()))
+    diff = (hf_logits(hf.eval()) - megatron_logits(model)).abs().max().item()
+    assert diff <= ATOL, f"full width: max |transformers - elastic| = {diff:.3g}"
