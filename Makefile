@@ -60,6 +60,7 @@ report: $(STAMP)
 #               a few minutes; make bench-demo — the quality benches on the demo's runs
 bench: $(STAMP)
 	$(PY) bench/suite.py
+	$(PY) bench/pipeline.py
 
 bench-demo: $(STAMP)
 	$(PY) bench/slice_quality.py $(RUN_DIR)/parent

@@ -42,21 +42,23 @@ def is_last_stage(pg_collection) -> bool:
 def schedule_groups(pg_collection):
     """The process groups megatron's schedules and ``finalize_model_grads`` expect.
 
-    A copy of ``pg_collection`` with the embedding groups set (``None`` without PP: there is
-    no second copy of the word embedding to reduce).
+    ``pg_collection`` itself when it has them all (megatron's ``use_mpu_process_groups()``
+    does); otherwise a copy with the embedding groups set to ``None`` (one stage: no second
+    copy of the word embedding to reduce).
     """
-    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    if all(hasattr(pg_collection, name) for name in ("embd", "pos_embd", "dp_cp")):
+        return pg_collection
+    if _pp_size(pg_collection) > 1:
+        raise ValueError("pipeline stages need pg_collection.embd (the first and last stage)")
     out = ProcessGroupCollection()
     for name in ("tp", "pp", "cp", "dp", "dp_cp", "ep", "expt_dp", "tp_ep", "expt_tp"):
         if hasattr(pg_collection, name):
             setattr(out, name, getattr(pg_collection, name))
-    pipelined = _pp_size(pg_collection) > 1
-    out.embd = parallel_state.get_embedding_group(check_initialized=False) if pipelined else None
-    out.pos_embd = None  # rotary / no position embedding: nothing shared between stages
+    out.embd = out.pos_embd = None
     if not hasattr(out, "dp_cp"):
-        out.dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        out.dp_cp = out.dp
     return out
 
 
