@@ -8,7 +8,10 @@
 - ``manifest.json``, written last: every file's size, the step, the layout, ``complete: true``.
 
 Everything goes to a temporary sibling directory that rank 0 renames into place, so a crash
-leaves either a complete checkpoint or a temporary directory, which is ignored.
+leaves either a complete checkpoint or a temporary directory, which is ignored. Nothing that
+fails verification is ever deleted: a corrupt checkpoint is renamed aside to
+``iter_N.corrupt-<UTC time>`` and an unfinished save to ``iter_N.partial-<UTC time>``, both
+named in the log, so they stay for inspection.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import queue
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +39,7 @@ LATEST = "latest.txt"
 RANK_STATE = "rank_state"
 _TMP = ".tmp_"
 _ITER = re.compile(r"^iter_(\d{7})$")
+RESTART_FIELD = "run.restart_from_scratch"
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +79,24 @@ def _write_durable(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def set_aside(path: Path, kind: str, why: str) -> Path:
+    """Rename ``path`` to ``<name>.<kind>-<UTC time>`` next to it (never deleted); log and return.
+
+    ``kind`` is ``corrupt`` (failed verification), ``partial`` (an unfinished save) or
+    ``replaced`` (a complete checkpoint of a step that is saved again).
+    """
+    name = path.name.removeprefix(_TMP)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{name}.{kind}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{name}.{kind}-{stamp}-{n}")
+    os.rename(path, target)
+    logger.warning("kept %s checkpoint %s as %s: %s", kind, path, target, why)
+    return target
 
 
 def layout(pg_collection: Any) -> dict[str, int]:
@@ -182,7 +205,8 @@ class CheckpointManager:
         problem = None
         if _rank() == 0:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp.exists():
+                    set_aside(tmp, "partial", "an earlier save of this step did not finish")
                 tmp.mkdir(parents=True)
             except OSError as e:
                 problem = f"cannot create {tmp}: {e}"
@@ -195,10 +219,15 @@ class CheckpointManager:
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "extra": extra,
         }
-        (tmp / RANK_STATE).mkdir(exist_ok=True)
-        _write_durable(tmp / RANK_STATE / f"rank_{_rank():05d}.pt", lambda f: torch.save(state, f))
-        if _world() > 1:  # every rank's files are written
-            dist.barrier()
+        rank_file = tmp / RANK_STATE / f"rank_{_rank():05d}.pt"
+        try:  # e.g. ENOSPC: the older checkpoints stay untouched, this one stays partial
+            rank_file.parent.mkdir(exist_ok=True)
+            _write_durable(rank_file, lambda f: torch.save(state, f))
+        except OSError as e:
+            problem = f"writing {rank_file.relative_to(tmp)} failed: {e}"
+        problem = _agree(problem)  # also: every rank's files are written
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {final}: {problem}")
         if _rank() == 0:
             try:
                 self._publish(step, tmp, final, _sizes(mine))
@@ -219,8 +248,9 @@ class CheckpointManager:
         manifest = {"step": step, "layout": sizes, "files": files, "complete": True}
         _write_durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step replaces it; older checkpoints stay meanwhile
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step: the old one is kept aside, never deleted
+            why = self.problem(final)
+            set_aside(final, "corrupt" if why else "replaced", why or "this step is saved again")
         os.rename(tmp, final)
         latest_tmp = self.root / f"{_TMP}{LATEST}"
         _write_durable(latest_tmp, lambda f: f.write(f"{final.name}\n".encode()))
@@ -229,12 +259,26 @@ class CheckpointManager:
         self._prune()
 
     def _prune(self) -> None:
-        """Rank 0: delete all but the newest ``keep`` checkpoints and stale temporary dirs."""
+        """Rank 0: delete all but the newest ``keep`` valid checkpoints.
+
+        A corrupt old checkpoint and the temporary directory of an unfinished save are set
+        aside (renamed, named in the log) instead of deleted.
+        """
         for old in self._candidates()[self.keep :]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(f"{_TMP}*"):
+            why = self.problem(old)
+            if why is None:
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                set_aside(old, "corrupt", why)
+        self._set_aside_unfinished()
+
+    def _set_aside_unfinished(self) -> None:
+        """Rank 0: rename the temporary directories of unfinished saves aside."""
+        if not self.root.is_dir():
+            return
+        for stale in sorted(self.root.glob(f"{_TMP}iter_*")):
             if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+                set_aside(stale, "partial", "the save did not finish (the run was stopped)")
 
     def _candidates(self) -> list[Path]:
         """``iter_*`` directories under ``root``, newest first (temporary dirs excluded)."""
@@ -299,6 +343,68 @@ class CheckpointManager:
             if _rank() == 0:
                 logger.warning("skipping checkpoint %s: %s", path, problem)
         return None
+
+    def resume_point(self, restart_from_scratch: bool = False) -> Path | None:
+        """The checkpoint a run resumes from; corrupt ones on the way are set aside. Collective.
+
+        Checks the ``iter_*`` directories newest first: each that fails verification is
+        renamed to ``iter_N.corrupt-<time>`` and named in the log; unfinished saves become
+        ``iter_N.partial-<time>``. Returns the first valid one, or None when there was no
+        checkpoint. When checkpoints existed and none is valid it raises
+        :class:`CheckpointError` naming each and why, unless ``restart_from_scratch``: then it
+        logs that the run starts over and returns None.
+        """
+        names = [p.name for p in self._candidates()]
+        if _world() > 1:
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        found: Path | None = None
+        bad: list[tuple[Path, str]] = []
+        for name in names:
+            path = self.root / name
+            problem = _agree(self.problem(path))
+            if problem is None:
+                found = path
+                break
+            bad.append((path, problem))
+        if bad and found is None and not restart_from_scratch:
+            raise CheckpointError(self._refusal(bad))
+        if _rank() == 0:
+            kept = [set_aside(path, "corrupt", why).name for path, why in bad]
+            self._set_aside_unfinished()
+            if bad and found is None:
+                logger.warning(
+                    "no valid checkpoint under %s (corrupt ones kept as %s): starting from "
+                    "step 0 (%s=true)",
+                    self.root,
+                    ", ".join(kept),
+                    RESTART_FIELD,
+                )
+        if _world() > 1:
+            dist.barrier()
+        return found
+
+    def _refusal(self, bad: list[tuple[Path, str]]) -> str:
+        listing = "; ".join(f"{path.name}: {why}" for path, why in bad)
+        return (
+            f"no valid checkpoint under {self.root}, refusing to start over ({listing}); set "
+            f"{RESTART_FIELD}=true to train from step 0 (they will be kept aside)"
+        )
+
+    def check_resumable(self, restart_from_scratch: bool = False) -> None:
+        """Raise :class:`CheckpointError` where :meth:`resume_point` would; changes nothing.
+
+        Not collective: for the launcher, before any rank starts.
+        """
+        bad = []
+        for path in self._candidates():
+            why = self.problem(path)
+            if why is None:
+                return
+            bad.append((path, why))
+        if bad and not restart_from_scratch:
+            raise CheckpointError(self._refusal(bad))
 
     def load(
         self,

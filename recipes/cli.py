@@ -144,13 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     if recipe not in RECIPES:
         print(f"unknown recipe {recipe!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from launch.local import launch_torchrun, under_distributed_launcher
+    from launch.local import die_with_launcher, launch_torchrun, under_distributed_launcher
+    from megatron_ext.checkpoint import CheckpointError
     from megatron_ext.config.compose import compose_recipe
     from megatron_ext.config.preflight import check_layout
+    from megatron_ext.data.prepare import DataError
     from megatron_ext.models.config import ConfigError
+    from megatron_ext.run_lock import HELD_BY_LAUNCHER, RunDirLocked, RunLock, needs_own_lock
+    from recipes.preflight import preflight
 
     config_name, module_name, _ = RECIPES[recipe]
     overrides, show_cfg = _cfg_flag(overrides)
+    ranked = under_distributed_launcher()
+    if ranked:
+        die_with_launcher()  # a rank of launch_torchrun ends when the launcher does
     try:
         if "--help" in overrides or "-h" in overrides:
             print(recipe_help(recipe, [o for o in overrides if o not in ("--help", "-h")]))
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg))
             return 0
         check_layout(recipe, cfg)  # before torchrun or sbatch: a bad layout starts nothing
+        if not ranked:  # once, on the launcher: before torchrun/sbatch and any write
+            preflight(config_name, cfg)
         if "cluster" in cfg and cfg.cluster.kind == "slurm":
             from launch.slurm import in_slurm_job, submit
 
@@ -171,13 +180,27 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe in PLANNED:  # refuses, naming the component, a run that cannot fit
                     importlib.import_module("recipes.plan").run(cfg, recipe, sys.stderr)
                 return submit(recipe, overrides, cfg)
-        nproc = int(cfg.parallel.nproc) if "parallel" in cfg else 1
-        if nproc > 1 and not under_distributed_launcher():
-            return launch_torchrun(nproc, recipe, overrides)
-        importlib.import_module(module_name).run(cfg)
+        run_dir = str(cfg.run.dir) if "run" in cfg and cfg.run.get("dir") else None
+        lock = RunLock(run_dir) if run_dir and needs_own_lock() else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            nproc = int(cfg.parallel.nproc) if "parallel" in cfg else 1
+            if nproc > 1 and not ranked:
+                held = {HELD_BY_LAUNCHER: str(lock.path)} if lock is not None else {}
+                return launch_torchrun(nproc, recipe, overrides, held)
+            importlib.import_module(module_name).run(cfg)
+        finally:
+            if lock is not None:
+                lock.release()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, DataError, RunDirLocked) as err:
+        kind = "checkpoint" if isinstance(err, CheckpointError) else "data"
+        kind = "run.dir" if isinstance(err, RunDirLocked) else kind
+        print(f"{kind} error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,5 +18,8 @@ def run(cfg: DictConfig) -> dict:
     meta = ensure_prepared(data, seed=int(cfg.run.seed))
     summary = {"source": str(source_dir(data)), "prefix": str(dataset_prefix(data)), **meta}
     write_summary(run_dir, summary)
-    print(key_value_table(f"dataset {data.name}", summary))
+    table = {k: v for k, v in summary.items() if k != "skipped"}
+    print(key_value_table(f"dataset {data.name}", table))
+    for skipped in summary.get("skipped", []):
+        print(f"  skipped {skipped['file']}: {skipped['reason']}")
     return summary

@@ -108,9 +108,9 @@ def run(cfg: DictConfig) -> dict:
     set_threads(int(cfg.get("threads", 0)))
     pgs = init_distributed(parallel, seed=run_cfg.seed)
     preemption = PreemptionHandler().install()  # before the slow set-up
-    run_dir = prepare_run_dir(cfg, run_cfg.dir)
     model_cfg = load_model_config(source)
     elastic.validate_for(model_cfg, parallel)
+    run_dir = prepare_run_dir(cfg, run_cfg.dir)
     stripes = StripeLayout.load(source / LAYOUT_DIR)
     if DEPTH in elastic.axes and len(stripes.layer_order) != model_cfg.num_layers:
         raise ConfigError(
@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict:
     )
     ckpts = CheckpointManager(run_dir / LAYOUT_DIR, pgs)
     start = 0
-    latest = ckpts.latest_valid() if run_cfg.resume else None
+    latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
     if latest is not None:
         state = ckpts.load(latest, student, model_opt)
         if "step" in state:

@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     optimizer = build_optimizer(model, train_cfg)
     ckpts = CheckpointManager(run_dir / "checkpoints", pgs)
     resume = None
-    latest = ckpts.latest_valid() if run_cfg.resume else None
+    latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
     if latest is not None:
         resume = ckpts.load(latest, model, optimizer) or None
         if resume is not None and "step" not in resume:

@@ -19,11 +19,17 @@ DATA_SOURCES = ("files", "arithmetic")
 
 @dataclass
 class RunConfig:
-    """Where a run writes, how it is seeded, and whether it resumes."""
+    """Where a run writes, how it is seeded, and whether it resumes.
+
+    With ``resume`` a run continues from the newest valid checkpoint in ``dir``. When
+    checkpoints exist there and none is valid it refuses to start, unless
+    ``restart_from_scratch``: then it trains from step 0 (the corrupt ones are kept aside).
+    """
 
     dir: str = "runs/default"
     seed: int = 1234
     resume: bool = True
+    restart_from_scratch: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.dir), "run.dir", "must name a directory")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sysconfig
 import time
 from pathlib import Path
@@ -19,6 +20,14 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from megatron_ext.data.tokenizer import Tokenizer
+from megatron_ext.models.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The corpus gives no usable dataset (a split is empty or too short); names the split."""
+
 
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 """Directory names whose contents are never read."""
@@ -42,16 +51,23 @@ def list_corpus_files(src_dir: str | Path, glob: str = "**/*.py") -> list[Path]:
 
 def read_text_file(path: Path) -> str | None:
     """Text of a UTF-8 file, or None if it is unreadable, binary (NUL bytes) or empty."""
+    return read_text_or_reason(path)[0]
+
+
+def read_text_or_reason(path: Path) -> tuple[str | None, str]:
+    """``(text, "")`` for a UTF-8 text file, else ``(None, why it is skipped)``."""
     try:
         data = path.read_bytes()
-    except OSError:
-        return None
-    if not data or b"\x00" in data:
-        return None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    if not data:
+        return None, "empty"
+    if b"\x00" in data:
+        return None, "binary (contains NUL bytes)"
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})"
 
 
 def is_valid_file(rel_path: str, valid_fraction: float, seed: int) -> bool:
@@ -85,7 +101,7 @@ def prepare_indexed_dataset(
         raise ValueError(f"valid_fraction must be in [0, 1], got {valid_fraction}")
     root = Path(src_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"corpus directory {root} does not exist")
+        raise ConfigError(f"data.source_dir: corpus directory {root} does not exist")
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     prefixes = {s: f"{out_prefix}_{s}_text_document" for s in ("train", "valid")}
@@ -95,16 +111,18 @@ def prepare_indexed_dataset(
     tokens = dict.fromkeys(prefixes, 0)
     t_start = time.perf_counter()
     files = list_corpus_files(root, glob)
-    skipped = source_bytes = 0
+    skipped: list[dict[str, str]] = []
+    source_bytes = 0
     bar = tqdm(files, desc="tokenize", unit="file", disable=not progress, dynamic_ncols=True)
     for path in bar:
         if max_files is not None and docs["train"] + docs["valid"] >= max_files:
             break
         if max_bytes is not None and source_bytes >= max_bytes:
             break
-        text = read_text_file(path)
+        text, why = read_text_or_reason(path)
         if text is None:
-            skipped += 1
+            skipped.append({"file": path.relative_to(root).as_posix(), "reason": why})
+            logger.warning("skipped %s: %s", path, why)
             continue
         source_bytes += len(text.encode("utf-8"))
         rel = path.relative_to(root).as_posix()
@@ -118,6 +136,13 @@ def prepare_indexed_dataset(
     bar.close()
     for split, builder in builders.items():
         builder.finalize(prefixes[split] + ".idx")
+    empty = [split for split in prefixes if docs[split] == 0]
+    if empty:  # no meta file: the cache never takes this for a prepared dataset
+        raise DataError(
+            f"data.source_dir: the {' and '.join(empty)} split of {root} (glob {glob!r}) has no "
+            f"documents ({docs['train']} train, {docs['valid']} valid, {len(skipped)} files "
+            "skipped); add text files or change data.valid_fraction / data.glob"
+        )
 
     result: dict[str, Any] = {
         "train_documents": docs["train"],
@@ -138,7 +163,8 @@ def prepare_indexed_dataset(
         "valid_fraction": valid_fraction,
         "seed": seed,
         "source_bytes": source_bytes,
-        "skipped_files": skipped,
+        "skipped_files": len(skipped),
+        "skipped": skipped,
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     Path(f"{out_prefix}_meta.json").write_text(json.dumps(meta, indent=2) + "\n")

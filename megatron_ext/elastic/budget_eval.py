@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
@@ -62,9 +63,24 @@ def save_choices(run_dir: str | Path, choices: Mapping[str, Mapping[str, int]]) 
 
 
 def load_choices(run_dir: str | Path) -> dict[str, dict[str, int]] | None:
-    """The widths saved by :func:`save_choices`, or ``None`` when the run has none."""
+    """The widths saved by :func:`save_choices`, or ``None`` when the run has none.
+
+    A file that is not ``{budget: {axis: int}}`` raises :class:`CheckpointError` naming it.
+    """
     path = Path(run_dir) / CHOICES_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    valid = isinstance(choices, dict) and all(
+        isinstance(widths, dict) and all(type(w) is int for w in widths.values())
+        for widths in choices.values()
+    )
+    if not valid:
+        raise CheckpointError(f"{path} is corrupt: expected {{budget: {{axis: width}}}}")
+    return choices
 
 
 def plot_budgets(

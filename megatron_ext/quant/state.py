@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.quant.config import QuantConfig
 from megatron_ext.quant.convert import QuantRecord, convert_to_quantized, quant_record
 
@@ -70,7 +71,13 @@ def read_quant_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / QUANT_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no quantization state (is this a qad run dir?)")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    if not isinstance(state, dict) or not {"config", "modules"} <= state.keys():
+        raise CheckpointError(f"{path} is corrupt: it needs a 'config' and a 'modules' entry")
+    return state
 
 
 def apply_quant_state(
