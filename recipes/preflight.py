@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from megatron_ext.checkpoint import CheckpointManager
 from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
+from megatron_ext.elastic.budget_eval import load_choices
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.curriculum import CurriculumConfig
 from megatron_ext.elastic.train_config import ElasticTrainConfig
@@ -71,6 +72,8 @@ def preflight(name: str, cfg: DictConfig) -> None:
             raise ConfigError(
                 f"source.dir: {source} does not exist; point it at {_SOURCE_OF[name]}"
             )
+        if source.is_dir():
+            load_choices(source)  # a corrupt budget_choices.json: CheckpointError naming it
     if "train" in cfg:
         section(cfg, "train", TrainConfig)
     model = _model_of(cfg, name)

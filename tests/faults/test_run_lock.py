@@ -15,7 +15,10 @@ import pytest
 from megatron_ext.run_lock import LOCK_FILE, RunDirLocked, RunLock
 from recipes.cli import main
 
-HOLD = "import sys, time; from megatron_ext.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from megatron_ext.run_lock import RunLock; "
+    "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+)
 
 
 def _holder(run_dir: Path) -> subprocess.Popen:
