@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from tqdm import tqdm
 
 from megatron_ext.distill import kd_loss
 from megatron_ext.elastic.config import ElasticConfig
@@ -33,6 +32,7 @@ from megatron_ext.elastic.router import ElasticRouter
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.models.builder import causal_mask
 from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import set_lr
 from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
@@ -206,6 +206,7 @@ class ElasticTrainer:
             "cost": float(cost.detach()),
             "target": target,
             "tau": self.router.tau(step),
+            "lr": stage.lr * warm,
             "grad_norm": grad_norm,
             "widths": out.widths(),
         }
@@ -268,23 +269,36 @@ class ElasticTrainer:
         """
         end = self.cfg.stop_at or self.total_steps
         main = not dist.is_initialized() or dist.get_rank() == 0
-        bar = tqdm(total=end, initial=start, desc="elastic", disable=not (progress and main))
+        bar = progress_bar(
+            total=end, initial=start, desc="elastic", disable=not (progress and main)
+        )
+        interval = IntervalMetrics()
         self.student.train()
         for step in range(start, end):
             t0 = time.perf_counter()
+            tokens = self.history.tokens
             metrics = self.step(step)
             self.history.train_seconds += time.perf_counter() - t0
+            flat = {k: v for k, v in _flat(metrics).items() if k != "step"}
+            interval.add(
+                flat, tokens=self.history.tokens - tokens, seconds=time.perf_counter() - t0
+            )
             self.history.train.append(metrics)
             bar.update(1)
             bar.set_postfix(
-                stage=metrics["stage"], budget=metrics["budget"], kd=f"{metrics['kd']:.3f}"
+                stage=metrics["stage"],
+                budget=metrics["budget"],
+                kd=f"{metrics['kd']:.3f}",
+                refresh=False,
             )
             done = step + 1
+            val: dict[str, Any] = {}
             if done % self.cfg.eval_interval == 0 or done == end:
-                self.history.val.append({"step": done, **evaluate(done)})
+                val = evaluate(done)
+                self.history.val.append({"step": done, **val})
                 self.student.train()
-            if log is not None and (done % self.cfg.log_interval == 0):
-                log(done, _flat(metrics))
+            if log is not None and (done % self.cfg.log_interval == 0 or val):
+                log(done, {**interval.flush(), **val})  # means over the interval
             saved = done % self.cfg.save_interval == 0 or done == end
             if checkpoint is not None and saved:
                 checkpoint(done, self.state(done))

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from megatron_ext.config.schema import TrainConfig
 from megatron_ext.models.builder import causal_mask
 from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import lr_at, set_lr
 from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
@@ -106,13 +106,8 @@ def train(
         history = resume_state["history"]
     end = cfg.stop_at or cfg.steps
     is_main = dist.get_rank() == 0 if dist.is_initialized() else True
-    bar = tqdm(
-        total=end,
-        initial=start,
-        desc="train",
-        disable=not (progress and is_main),
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(total=end, initial=start, desc="train", disable=not (progress and is_main))
+    interval = IntervalMetrics()
 
     def extra(step: int) -> dict[str, Any]:
         return {
@@ -139,15 +134,23 @@ def train(
         history.train.append((step + 1, loss_value))
         bar.update(1)
         metrics = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": grad_norm}
+        interval.add(
+            metrics,
+            tokens=int(batch["tokens"].numel()) * _dp_size(pg_collection),
+            seconds=time.perf_counter() - t0,
+        )
+        val_metrics: dict[str, float] = {}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == end:
             val = evaluate(model, valid_batches, pg_collection)
             history.val.append((step + 1, val))
-            metrics["val_loss"] = val
+            val_metrics["val_loss"] = val
         bar.set_postfix(
-            loss=f"{loss_value:.3f}", val=f"{history.val[-1][1]:.3f}" if history.val else "-"
+            loss=f"{loss_value:.3f}",
+            val=f"{history.val[-1][1]:.3f}" if history.val else "-",
+            refresh=False,
         )
-        if log is not None and ((step + 1) % cfg.log_interval == 0 or "val_loss" in metrics):
-            log(step + 1, metrics)
+        if log is not None and ((step + 1) % cfg.log_interval == 0 or val_metrics):
+            log(step + 1, {**interval.flush(), **val_metrics})  # means over the interval
         saved = (step + 1) % cfg.save_interval == 0 or step + 1 == end
         if checkpoint is not None and saved:
             checkpoint(step + 1, extra(step + 1))

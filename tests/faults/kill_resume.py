@@ -1,0 +1,146 @@
+"""Helpers of the SIGKILL suite: start a recipe from the command line in its own session,
+kill its whole process group at a seeded step, find surviving ranks, compare final states."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from launch.local import LAUNCHER_PID
+from megatron_ext.checkpoint import CheckpointManager
+
+REPO = Path(__file__).parents[2]
+
+
+def command(recipe: str, run_dir: Path, overrides: list[str]) -> list[str]:
+    """``star-elastic <recipe> run.dir=<run_dir> <overrides>`` as this interpreter runs it."""
+    return [sys.executable, "-m", "recipes.cli", recipe, f"run.dir={run_dir}", *overrides]
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{path}" if path else str(REPO))
+
+
+def run_to_end(recipe: str, run_dir: Path, overrides: list[str], timeout: int = 300) -> None:
+    """Run the recipe to completion; fail with its stderr otherwise."""
+    proc = subprocess.run(
+        command(recipe, run_dir, overrides),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{recipe} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
+def descendants_of_launcher(pid: int) -> list[int]:
+    """Live processes started for the launcher ``pid`` (they carry its PID in their env)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(LAUNCHER_PID) == str(pid):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_at_step(
+    recipe: str, run_dir: Path, overrides: list[str], step: int, timeout: int = 300
+) -> dict[str, Any]:
+    """Start the recipe, SIGKILL its process group once ``iter_{step}`` exists.
+
+    Returns the launcher PID, the rank PIDs seen, the checkpoint names present at the kill
+    and those of them that were unfinished or corrupt then.
+    """
+    ckpts = run_dir / "checkpoints"
+    target = ckpts / f"iter_{step:07d}"
+    proc = subprocess.Popen(
+        command(recipe, run_dir, overrides),
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    ranks: set[int] = set()
+    while not target.exists():
+        assert proc.poll() is None, (
+            f"{recipe} ended before step {step}: {proc.stderr.read()[-3000:]}"
+        )  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, f"{recipe} did not reach step {step}"
+        ranks.update(descendants_of_launcher(proc.pid))
+        time.sleep(0.05)
+    ranks.update(descendants_of_launcher(proc.pid))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manager = CheckpointManager(ckpts, None)
+    present = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    bad = [n for n in present if n.startswith(".tmp_") or manager.problem(ckpts / n)]
+    return {"launcher": proc.pid, "ranks": sorted(ranks), "present": present, "bad": bad}
+
+
+def survivors(pids: list[int], wait: float = 10.0) -> list[int]:
+    """Those of ``pids`` still alive after up to ``wait`` seconds (zombies count as gone)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def final_state(run_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint's tensors and every rank's state, minus wall-clock timings."""
+    manager = CheckpointManager(run_dir / "checkpoints", None)
+    latest = manager.latest_valid()
+    assert latest is not None
+    files = {
+        rel: (latest / rel).read_bytes()
+        for rel in json.loads((latest / "manifest.json").read_text())["files"]
+        if rel.endswith(".distcp")
+    }
+    ranks = {}
+    for path in sorted((latest / "rank_state").glob("*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        history = state["extra"].get("history")
+        if history is not None and hasattr(history, "train_seconds"):
+            history.train_seconds = 0.0  # wall time, the one thing a resume cannot repeat
+        ranks[path.name] = state
+    return {"checkpoint": latest.name, "distcp": files, "ranks": ranks}
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    """Exact equality of nested states (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {a.keys()} != {b.keys()}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dataclass_fields__"):
+        assert_identical(vars(a), vars(b), where)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
