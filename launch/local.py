@@ -5,7 +5,8 @@ kernel for SIGKILL when their parent dies (``PR_SET_PDEATHSIG``, Linux), and eac
 watches the launcher's PID, for a parent death the kernel signal cannot see (the launcher
 gone before the rank set it up). torchrun starts every rank in its own session, so killing
 the launcher's process group alone would not reach them. Ranks started by srun are left to
-Slurm: this applies only to ranks whose launcher set :data:`LAUNCHER_PID`.
+Slurm: this applies only to ranks whose launcher set :data:`LAUNCHER_PID`. A SIGTERM or
+SIGUSR1 to the launcher is passed on, so the ranks checkpoint and exit as on preemption.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ LAUNCHER_PID = "STAR_ELASTIC_LAUNCHER_PID"
 """Environment variable: the PID of the launcher whose death ends this rank."""
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals the launcher passes on to torchrun (as SIGTERM) instead of dying of them."""
 
 
 def under_distributed_launcher() -> bool:
@@ -88,6 +92,16 @@ def launch_torchrun(
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env[LAUNCHER_PID] = str(os.getpid())
     env.update(extra_env or {})
-    return subprocess.run(
-        torchrun_command(nproc, recipe, overrides), env=env, check=False
-    ).returncode
+    agent = subprocess.Popen(torchrun_command(nproc, recipe, overrides), env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        # torchrun passes SIGTERM on to its ranks, whose preemption handler checkpoints;
+        # SIGUSR1 it does not handle (it would die and take the ranks with it).
+        agent.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return agent.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

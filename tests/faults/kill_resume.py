@@ -15,7 +15,6 @@ from typing import Any
 import psutil
 import torch
 
-from launch.local import LAUNCHER_PID
 from megatron_ext.checkpoint import CheckpointManager
 
 REPO = Path(__file__).parents[2]
@@ -43,28 +42,40 @@ def run_to_end(recipe: str, run_dir: Path, overrides: list[str], timeout: int = 
     assert proc.returncode == 0, f"{recipe} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
 
 
-def descendants_of_launcher(pid: int) -> list[int]:
-    """Live processes started for the launcher ``pid`` (they carry its PID in their env)."""
+def processes_of(run_dir: Path) -> list[int]:
+    """Live processes (launcher, torchrun agent, ranks) working on ``run_dir``: their command
+    line names it. Independent of how they were started, so it finds orphans too."""
+    needle = f"run.dir={run_dir}"
     found = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
-            if proc.environ().get(LAUNCHER_PID) == str(pid):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and needle in (
+                proc.info["cmdline"] or []
+            ):
                 found.append(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
 
 
-def kill_at_step(
-    recipe: str, run_dir: Path, overrides: list[str], step: int, timeout: int = 300
+def interrupt_at_step(
+    recipe: str,
+    run_dir: Path,
+    overrides: list[str],
+    step: int,
+    sig: int = signal.SIGKILL,
+    timeout: int = 300,
 ) -> dict[str, Any]:
-    """Start the recipe, SIGKILL its process group once ``iter_{step}`` exists.
+    """Start the recipe and send ``sig`` once the save of ``step`` has begun.
 
-    Returns the launcher PID, the rank PIDs seen, the checkpoint names present at the kill
-    and those of them that were unfinished or corrupt then.
+    SIGKILL goes to the launcher's whole process group (what ``kill -9 -PGID`` or a
+    scheduler does); other signals to the launcher only. The signal is sent while that save
+    is in flight when the poll sees its temporary directory, else right after it. Returns
+    the exit code, where it hit (``mid-save`` / ``after save``), the processes seen, and
+    the checkpoint directories present and unfinished or corrupt right after.
     """
     ckpts = run_dir / "checkpoints"
-    target = ckpts / f"iter_{step:07d}"
+    final, tmp = ckpts / f"iter_{step:07d}", ckpts / f".tmp_iter_{step:07d}"
     proc = subprocess.Popen(
         command(recipe, run_dir, overrides),
         env=_env(),
@@ -74,34 +85,37 @@ def kill_at_step(
         text=True,
     )
     deadline = time.monotonic() + timeout
-    ranks: set[int] = set()
-    while not target.exists():
-        assert proc.poll() is None, (
-            f"{recipe} ended before step {step}: {proc.stderr.read()[-3000:]}"
-        )  # type: ignore[union-attr]
+    seen: set[int] = set()
+    polls = 0
+    while not (tmp.exists() or final.exists()):
+        if proc.poll() is not None:
+            raise AssertionError(f"{recipe} ended before step {step}: {proc.stderr.read()[-3000:]}")  # type: ignore[union-attr]
         assert time.monotonic() < deadline, f"{recipe} did not reach step {step}"
-        ranks.update(descendants_of_launcher(proc.pid))
-        time.sleep(0.05)
-    ranks.update(descendants_of_launcher(proc.pid))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        polls += 1
+        if polls % 20 == 0:
+            seen.update(processes_of(run_dir))
+        time.sleep(0.005)
+    where = "mid-save" if not final.exists() else "after save"
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    seen.update(processes_of(run_dir))
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        proc.stderr.close()  # type: ignore[union-attr]
     manager = CheckpointManager(ckpts, None)
     present = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
     bad = [n for n in present if n.startswith(".tmp_") or manager.problem(ckpts / n)]
-    return {"launcher": proc.pid, "ranks": sorted(ranks), "present": present, "bad": bad}
+    return {"code": code, "where": where, "seen": sorted(seen), "present": present, "bad": bad}
 
 
-def survivors(pids: list[int], wait: float = 10.0) -> list[int]:
-    """Those of ``pids`` still alive after up to ``wait`` seconds (zombies count as gone)."""
+def survivors(run_dir: Path, wait: float = 10.0) -> list[int]:
+    """Processes still working on ``run_dir`` after up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
+        alive = processes_of(run_dir)
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import random
 import re
+import signal
 from pathlib import Path
+from signal import SIGKILL, SIGTERM
 
 import pytest
 
+from megatron_ext.training.preemption import REQUEUE_EXIT_CODE
 from tests.faults.kill_resume import (
     assert_identical,
     final_state,
-    kill_at_step,
+    interrupt_at_step,
     run_to_end,
     survivors,
 )
@@ -54,13 +57,14 @@ def _kill_step(recipe: str, layout: str) -> int:
     return random.Random(f"{recipe}/{layout}").randint(1, STEPS - 2)
 
 
-def _case(tmp_path: Path, recipe: str, layout: str, overrides: list[str]) -> dict:
+def _case(tmp_path: Path, recipe: str, layout: str, overrides: list[str], sig=SIGKILL) -> dict:
     overrides = [f"parallel={layout}", *overrides]
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_to_end(recipe, whole, overrides)
     step = _kill_step(recipe, layout)
-    killed = kill_at_step(recipe, split, overrides, step)
-    assert not survivors([killed["launcher"], *killed["ranks"]]), "ranks outlived the launcher"
+    hit = interrupt_at_step(recipe, split, overrides, step, sig)
+    assert hit["code"] != 0
+    assert not survivors(split), "processes outlived the launcher"
     run_to_end(recipe, split, overrides)
     # losses (and every metric) of the resumed run equal the uninterrupted run's, bit for bit
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, split))
@@ -73,19 +77,23 @@ def _case(tmp_path: Path, recipe: str, layout: str, overrides: list[str]) -> dic
     assert_identical(final_a["ranks"], final_b["ranks"], "rank_state")
     # nothing unfinished or corrupt at the kill was deleted: each is kept aside
     names = [p.name for p in (split / "checkpoints").iterdir()]
-    for bad in killed["bad"]:
+    for bad in hit["bad"]:
         stem = bad.removeprefix(".tmp_")
         assert any(re.fullmatch(rf"{stem}\.(partial|corrupt)-.*", n) for n in names), bad
-    return killed
+    print(
+        f"{recipe} {layout} {signal.Signals(sig).name} at step {step} ({hit['where']}): "
+        f"exit {hit['code']}, kept aside {hit['bad']}, bit-identical"
+    )
+    return hit
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_train_parent_killed_at_a_random_step_resumes_bit_identically(
     tmp_path, data_overrides, layout
 ):
-    killed = _case(tmp_path, "train-parent", layout, [*PARENT, *data_overrides])
+    hit = _case(tmp_path, "train-parent", layout, [*PARENT, *data_overrides])
     if layout != "single":
-        assert len(killed["ranks"]) >= 2  # the agent and both ranks were seen and are gone
+        assert len(hit["seen"]) >= 4  # launcher, torchrun agent and both ranks: all gone
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -94,3 +102,13 @@ def test_train_elastic_killed_at_a_random_step_resumes_bit_identically(
 ):
     overrides = [f"source.dir={importance_run}", *ELASTIC, *data_overrides]
     _case(tmp_path, "train-elastic", layout, overrides)
+
+
+@pytest.mark.parametrize("layout", ["single", "tp2"])
+def test_sigterm_mid_save_checkpoints_exits_and_resumes_bit_identically(
+    tmp_path, data_overrides, layout
+):
+    # SIGTERM to the launcher only: it forwards it to torchrun, whose ranks checkpoint
+    hit = _case(tmp_path, "train-parent", layout, [*PARENT, *data_overrides], sig=SIGTERM)
+    if layout == "single":
+        assert hit["code"] == REQUEUE_EXIT_CODE

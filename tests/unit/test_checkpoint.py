@@ -157,7 +157,7 @@ def test_missing_rank_state_file_is_detected(tmp_path, pgs, trained):
     assert manager.latest_valid() is None
 
 
-def test_leftover_temporary_dir_is_ignored_and_cleaned_by_next_save(tmp_path, pgs, trained):
+def test_leftover_temporary_dir_is_ignored_and_kept_aside_by_next_save(tmp_path, pgs, trained):
     manager = save_steps(tmp_path, pgs, trained, [1])
     # what a save of step 5 that crashed before its rename leaves behind
     leftover = tmp_path / ".tmp_iter_0000005"
@@ -168,6 +168,7 @@ def test_leftover_temporary_dir_is_ignored_and_cleaned_by_next_save(tmp_path, pg
         manager.verify(leftover)
     manager.save(2, *trained, {"step": 2})
     assert not leftover.exists()
+    assert len(list(tmp_path.glob("iter_0000005.partial-*"))) == 1  # renamed, never deleted
     assert manager.latest_valid() == tmp_path / "iter_0000002"
 
 
