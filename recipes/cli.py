@@ -124,6 +124,9 @@ def plan_main(overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Compose the recipe's config, start torchrun if needed, and run the recipe."""
+    from launch.local import die_with_launcher
+
+    die_with_launcher()  # first: a rank of launch_torchrun ends when the launcher does
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe not in RECIPES:
         print(f"unknown recipe {recipe!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from launch.local import die_with_launcher, launch_torchrun, under_distributed_launcher
+    from launch.local import launch_torchrun, under_distributed_launcher
     from megatron_ext.checkpoint import CheckpointError
     from megatron_ext.config.compose import compose_recipe
     from megatron_ext.config.preflight import check_layout
@@ -156,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     config_name, module_name, _ = RECIPES[recipe]
     overrides, show_cfg = _cfg_flag(overrides)
     ranked = under_distributed_launcher()
-    if ranked:
-        die_with_launcher()  # a rank of launch_torchrun ends when the launcher does
     try:
         if "--help" in overrides or "-h" in overrides:
             print(recipe_help(recipe, [o for o in overrides if o not in ("--help", "-h")]))
