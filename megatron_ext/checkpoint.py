@@ -392,18 +392,26 @@ class CheckpointManager:
             f"{RESTART_FIELD}=true to train from step 0 (they will be kept aside)"
         )
 
-    def check_resumable(self, restart_from_scratch: bool = False) -> None:
-        """Raise :class:`CheckpointError` where :meth:`resume_point` would; changes nothing.
+    def scan(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest valid checkpoint (or None) and every newer one with its problem.
 
-        Not collective: for the launcher, before any rank starts.
+        Not collective and changes nothing: for the launcher, before any rank starts.
         """
         bad = []
         for path in self._candidates():
             why = self.problem(path)
             if why is None:
-                return
+                return path, bad
             bad.append((path, why))
-        if bad and not restart_from_scratch:
+        return None, bad
+
+    def check_resumable(self, restart_from_scratch: bool = False) -> None:
+        """Raise :class:`CheckpointError` where :meth:`resume_point` would; changes nothing.
+
+        Not collective: for the launcher, before any rank starts.
+        """
+        found, bad = self.scan()
+        if found is None and bad and not restart_from_scratch:
             raise CheckpointError(self._refusal(bad))
 
     def load(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from megatron_ext.checkpoint import CheckpointManager
+from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
 from megatron_ext.elastic.budget_eval import load_choices
@@ -44,6 +44,16 @@ def _existing_dir(cfg: DictConfig, key: str, what: str) -> Path | None:
     return path
 
 
+def _has_valid_checkpoint(key: str, run_dir: Path) -> None:
+    """Raise ``CheckpointError`` when ``run_dir/checkpoints`` holds checkpoints, none valid."""
+    found, bad = CheckpointManager(run_dir / "checkpoints", None).scan()
+    if found is None and bad:
+        listing = "; ".join(f"{path.name}: {why}" for path, why in bad)
+        raise CheckpointError(
+            f"{key}: no valid checkpoint under {run_dir / 'checkpoints'} ({listing})"
+        )
+
+
 def _model_of(cfg: DictConfig, name: str) -> HybridModelConfig | None:
     """The model the recipe will build: its ``model`` group, else ``source.dir``'s saved one."""
     if "model" in cfg:
@@ -74,6 +84,9 @@ def preflight(name: str, cfg: DictConfig) -> None:
             )
         if source.is_dir():
             load_choices(source)  # a corrupt budget_choices.json: CheckpointError naming it
+            _has_valid_checkpoint("source.dir", source)
+    if parent is not None:
+        _has_valid_checkpoint("parent.dir", parent)
     if "train" in cfg:
         section(cfg, "train", TrainConfig)
     model = _model_of(cfg, name)

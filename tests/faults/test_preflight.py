@@ -69,13 +69,19 @@ def test_a_curriculum_that_cannot_resolve_is_refused_before_torchrun(tmp_path, s
     assert not run_dir.exists()
 
 
-def test_a_bad_checkpoint_in_source_dir_is_a_one_line_error(tmp_path, source, capsys):
+@pytest.mark.parametrize("recipe", ["slice", "train-elastic"])
+def test_a_bad_checkpoint_in_source_dir_is_a_one_line_error(tmp_path, capsys, recipe):
     broken = tmp_path / "broken"
     (broken / "checkpoints" / "iter_0000001").mkdir(parents=True)
     (broken / "checkpoints" / "iter_0000001" / "manifest.json").write_text("{not json")
     save_model_config(HybridModelConfig(), broken)
-    argv = ["slice", f"source.dir={broken}", f"run.dir={tmp_path / 'run'}"]
-    assert "no valid checkpoint" in _refused(capsys, argv, 1, "checkpoint error:")
+    run_dir = tmp_path / "run"
+    argv = [recipe, f"source.dir={broken}", f"run.dir={run_dir}", "parallel=tp2"][:4]
+    if recipe == "slice":
+        argv = argv[:3]
+    line = _refused(capsys, argv, 1, "checkpoint error: source.dir: no valid checkpoint")
+    assert "iter_0000001: manifest.json is unreadable" in line
+    assert not run_dir.exists()
 
 
 def test_a_corrupt_budget_choices_file_is_a_one_line_error(tmp_path, source, capsys):
