@@ -95,7 +95,8 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_pre
     with caplog.at_level(logging.WARNING, logger="megatron_ext.checkpoint"):
         resumed = _run(tmp_path, data_overrides)
     warning = "\n".join(r.getMessage() for r in caplog.records)
-    assert f"skipping checkpoint {newest}" in warning
+    assert f"kept corrupt checkpoint {newest} as {newest}.corrupt-" in warning
+    assert len(list(newest.parent.glob(f"{newest.name}.corrupt-*"))) == 1  # kept, not deleted
     assert f"{distcp[0].name} has {size // 2} bytes but the manifest says {size}" in warning
     assert re.search(r"resumed from \S*iter_0000002", capsys.readouterr().out)
     _same_run(resumed, whole)
