@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.data.prepare import DataError
     from megatron_ext.models.config import ConfigError
     from megatron_ext.run_lock import HELD_BY_LAUNCHER, RunDirLocked, RunLock, needs_own_lock
-    from recipes.preflight import preflight
+    from recipes.start_checks import check_before_start
 
     config_name, module_name, _ = RECIPES[recipe]
     overrides, show_cfg = _cfg_flag(overrides)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_layout(recipe, cfg)  # before torchrun or sbatch: a bad layout starts nothing
         if not ranked:  # once, on the launcher: before torchrun/sbatch and any write
-            preflight(config_name, cfg)
+            check_before_start(config_name, cfg)
         if "cluster" in cfg and cfg.cluster.kind == "slurm":
             from launch.slurm import in_slurm_job, submit
 

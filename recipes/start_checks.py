@@ -1,8 +1,9 @@
 """The checks the launcher runs before any rank starts and before ``run.dir`` is written.
 
-Everything that needs only the config and the files it names: every config group's own
-validation, the source directories, the model against the parallel layout, the elastic
-widths against TP / EP, the curriculum, and whether a training run can resume.
+Everything that needs only the config and the files it names, beyond the layout checks of
+:mod:`megatron_ext.config.preflight`: every config group's own validation, the source
+directories and their checkpoints, the elastic widths against TP / EP, the curriculum, and
+whether a training run can resume.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _model_of(cfg: DictConfig, name: str) -> HybridModelConfig | None:
     return None
 
 
-def preflight(name: str, cfg: DictConfig) -> None:
+def check_before_start(name: str, cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or ``CheckpointError``) for recipe config ``name``."""
     run = section(cfg, "run", RunConfig) if "run" in cfg else None
     data = section(cfg, "data", DataConfig) if "data" in cfg else None
@@ -91,7 +92,6 @@ def preflight(name: str, cfg: DictConfig) -> None:
         section(cfg, "train", TrainConfig)
     model = _model_of(cfg, name)
     if model is not None:
-        parallel.check_model(model)
         if "elastic" in cfg:  # only train-elastic builds the elastic model at its own layout
             at = parallel if name == "train_elastic" else ParallelConfig()
             section(cfg, "elastic", ElasticConfig).validate_for(model, at)
