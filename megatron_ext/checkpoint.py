@@ -397,7 +397,7 @@ class CheckpointManager:
 
         Not collective and changes nothing: for the launcher, before any rank starts.
         """
-        bad = []
+        bad: list[tuple[Path, str]] = []
         for path in self._candidates():
             why = self.problem(path)
             if why is None:
