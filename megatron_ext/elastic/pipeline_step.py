@@ -125,6 +125,7 @@ class ElasticForwardStep:
             if self.counts_cost:
                 penalty = rel.square() if self.cfg.cost_loss == "squared" else rel
                 loss = loss + self.cfg.cost_weight * penalty
-            return loss, {"kd": kd.detach(), "cost_error": rel.detach()}
+            # clones: the schedule divides the returned loss in place (it may be ``kd``)
+            return loss, {"kd": kd.detach().clone(), "cost_error": rel.detach().clone()}
 
         return logits, loss_func

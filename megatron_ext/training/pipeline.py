@@ -119,7 +119,7 @@ def lm_forward_step(data_iterator, model: torch.nn.Module):
 
     def loss_func(per_token: torch.Tensor):
         loss = masked_mean(per_token, batch["loss_mask"])
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # the schedule scales ``loss`` in place
 
     return out, loss_func
 
@@ -182,8 +182,9 @@ def replicated_chunk(module: torch.nn.Module, config: Any, pg_collection, ddp_co
     """``module`` (replicated on every rank) as a megatron DDP chunk of its own.
 
     Its gradients are then averaged over data parallelism by megatron's DDP, summed over
-    tensor parallelism (its parameters are marked ``sequence_parallel``: every TP rank holds
-    a part of the tokens or channels it gates) and summed over the pipeline stages, all inside
+    tensor parallelism under sequence parallelism (its parameters are marked
+    ``sequence_parallel``: every TP rank holds a part of the tokens and channels it gates)
+    and summed over the pipeline stages, all inside
     megatron's ``finalize_model_grads`` (see :func:`finalize_with`). ``config`` is the model's
     ``TransformerConfig``; the chunk gets its own copy, so the markings do not reach the
     model's. The result's ``.module.module`` is ``module``.
@@ -197,7 +198,6 @@ def replicated_chunk(module: torch.nn.Module, config: Any, pg_collection, ddp_co
     for param in params:
         param.sequence_parallel = True  # type: ignore[attr-defined]
     sum_over_pipeline_stages(params, own)
-    own.sequence_parallel = True  # megatron sums the marked gradients over TP only then
     ddp = ddp_config or DistributedDataParallelConfig()
     chunk = ReplicatedChunk(module, own)
     return DistributedDataParallel(own, ddp, chunk, pg_collection=pg_collection)

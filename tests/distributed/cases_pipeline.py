@@ -264,7 +264,8 @@ def train(ddp, optimizer, pgs, steps: range) -> list[float]:
         ddp.zero_grad_buffer()
         out = run_schedule(ddp, microbatches(step), lm_forward_step, pgs, seq_length=SEQ)
         adam_step(ddp, optimizer)
-        losses.append(sum(last_stage_losses(out)))
+        per_micro = last_stage_losses(out)
+        losses.append(sum(per_micro) / len(per_micro))
     return losses
 
 

@@ -11,11 +11,11 @@ rounding tolerance instead:
 
 - tied embeddings: at PP=1 the embedding and the output layer accumulate into one gradient
   tensor, at PP=2 each stage holds one part and megatron's embedding group adds them: one
-  rounding of a float32 sum, a few ulps of the gradient (measured 6e-8; bound 1e-6);
+  rounding of a float32 sum, a few ulps of the gradient (measured 3e-8 to 6e-8; bound 1e-6);
 - the router: replicated, each stage's gates send it a part of its gradient and
   megatron's ``finalize_model_grads`` sums the parts over the stages, where PP=1 sums all
-  gates in one backward (measured 1.2e-7 relative to the largest router gradient in masked
-  compute, 6e-8 narrow; bound 1e-5 relative). A missing stage sum loses a whole stage's
+  gates in one backward (measured 6e-8 to 2.5e-7 relative to the largest router gradient,
+  masked and narrow; bound 1e-5 relative). A missing stage sum loses a whole stage's
   share, an error of order one.
 """
 
