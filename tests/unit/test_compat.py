@@ -67,3 +67,26 @@ def test_guarded_import_treats_every_backend_failure_as_absent(monkeypatch, erro
 def test_backend_report_names_device_and_backends():
     report = optional.backend_report()
     assert set(report) == {"device", "transformer_engine", "mamba_ssm", "triton"}
+
+
+def test_pipeline_schedules_build_their_token_counter_on_the_host():
+    from megatron.core.pipeline_parallel import schedules
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the schedules keep torch itself")
+    counter = schedules.torch.zeros([], dtype=torch.int, device="cuda")  # upstream's call
+    assert counter.device.type == "cpu" and counter.dtype == torch.int
+    assert schedules.torch.autograd is torch.autograd  # everything else is torch's own
+    assert torch.ones(2).cuda().device.type == "cpu"  # tied embeddings at pp > 1
+
+
+def test_pipeline_replicated_parameters_are_marked_for_the_stage_sum():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_ext.compat.pipeline import sum_over_pipeline_stages
+
+    config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2)
+    module = torch.nn.Linear(2, 2)
+    assert sum_over_pipeline_stages(module.parameters(), config) == 2
+    assert all(p.pipeline_parallel for p in module.parameters())
+    assert config.has_cond_embedder  # upstream's switch for _allreduce_conditional_embedding_grads
