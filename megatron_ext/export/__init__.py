@@ -3,8 +3,9 @@
 Three formats, one module each:
 
 * ``megatron`` (:mod:`.megatron`): megatron-core ``torch_dist`` + ``model_config.json``;
-* ``hf`` (:mod:`.hf`): safetensors + ``config.json`` of the Nemotron-H architecture
-  (``NemotronHForCausalLM``), with :func:`megatron_ext.export.hf.load_hf` for the way back;
+* ``hf`` (:mod:`.hf`): safetensors + ``config.json`` in the parent's ``transformers`` family
+  (``NemotronHForCausalLM``, ``LlamaForCausalLM``, ``Qwen3ForCausalLM``), with
+  :func:`megatron_ext.export.hf.load_hf` for the way back;
 * ``nemo`` (:mod:`.nemo`): the NeMo 2 layout (``context/`` + ``weights/``), written with
   nemo-toolkit's own serialization (needs the ``nemo`` extra).
 
@@ -19,6 +20,8 @@ with it (:mod:`.tokenizer`).
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,25 +68,38 @@ class ExportResult:
         }
 
 
+EXPORTERS: dict[str, tuple[str, str]] = {
+    "megatron": ("megatron_ext.export.megatron", "export_megatron"),
+    "hf": ("megatron_ext.export.hf", "export_hf"),
+    "nemo": ("megatron_ext.export.nemo", "export_nemo"),
+}
+"""The exporter of each format: (module, function), imported on first use so a format's
+optional dependencies (``nemo``, ``safetensors``) load only when it is asked for."""
+
+
+def exporter(fmt: str) -> Callable[..., ExportResult]:
+    """The export function of format ``fmt``; :class:`ExportError` naming the known ones."""
+    if fmt not in EXPORTERS:
+        raise ExportError(f"format: {fmt!r} is not one of {FORMATS}")
+    module, name = EXPORTERS[fmt]
+    return getattr(importlib.import_module(module), name)
+
+
 def export_slice(fmt: str, model, widths: dict[str, int], out_dir: str | Path, **kwargs: Any):
     """Export ``model`` sliced at ``widths`` to ``out_dir`` in format ``fmt``.
 
     ``kwargs`` go to the format's exporter (``budget``, ``controller``, ``tokenizer``,
     ``pg_collection``, ...). Returns an :class:`ExportResult`.
     """
-    if fmt == "megatron":
-        from megatron_ext.export.megatron import export_megatron
-
-        return export_megatron(model, widths, out_dir, **kwargs)
-    if fmt == "hf":
-        from megatron_ext.export.hf import export_hf
-
-        return export_hf(model, widths, out_dir, **kwargs)
-    if fmt == "nemo":
-        from megatron_ext.export.nemo import export_nemo
-
-        return export_nemo(model, widths, out_dir, **kwargs)
-    raise ExportError(f"format: {fmt!r} is not one of {FORMATS}")
+    return exporter(fmt)(model, widths, out_dir, **kwargs)
 
 
-__all__ = ["FORMATS", "ExportError", "ExportResult", "dir_bytes", "export_slice"]
+__all__ = [
+    "EXPORTERS",
+    "FORMATS",
+    "ExportError",
+    "ExportResult",
+    "dir_bytes",
+    "export_slice",
+    "exporter",
+]

@@ -46,6 +46,7 @@ def transformer_config(
             moe_router_score_function=model.moe_router_score_function,
             moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
             moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+            moe_router_pre_softmax=model.moe_router_pre_softmax,
             moe_token_dispatcher_type=model.moe_token_dispatcher_type,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,

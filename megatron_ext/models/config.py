@@ -63,6 +63,7 @@ class HybridModelConfig:
     moe_router_score_function: str = "sigmoid"
     moe_router_topk_scaling_factor: float = 2.5
     moe_router_enable_expert_bias: bool = False
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k, no renormalising
     moe_token_dispatcher_type: str = "allgather"
     # the rest
     tie_embeddings: bool = False

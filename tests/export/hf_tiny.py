@@ -19,7 +19,7 @@ from megatron_ext.export.tokenizer import write_hf_tokenizer
 
 VOCAB = 384  # the byte tokenizer's 260 ids, padded
 SEQ, BATCH = 48, 2
-FAMILIES = ("nemotron_h_moe", "nemotron_h_dense", "llama", "qwen3")
+FAMILIES = ("nemotron_h_moe", "nemotron_h_dense", "llama", "qwen3", "qwen3_moe")
 NEMOTRON_MOE_BLOCKS = ["mamba", "moe", "attention", "mamba", "moe"]
 NEMOTRON_DENSE_BLOCKS = ["mamba", "mlp", "attention", "mlp"]
 
@@ -54,6 +54,17 @@ def hf_config(family: str, tied: bool):
             moe_shared_expert_intermediate_size=48,
             routed_scaling_factor=2.5,
             layer_norm_epsilon=1e-5,
+        )
+    if family == "qwen3_moe":  # norm_topk_prob=False: megatron's moe_router_pre_softmax
+        return transformers.Qwen3MoeConfig(
+            **common,
+            num_hidden_layers=2,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            rms_norm_eps=1e-6,
         )
     cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family]
     return cls(**common, num_hidden_layers=2, intermediate_size=96, rms_norm_eps=1e-6)

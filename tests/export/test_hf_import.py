@@ -37,6 +37,7 @@ CLASSES = {
     "nemotron_h_dense": "NemotronHForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 

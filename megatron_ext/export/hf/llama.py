@@ -1,9 +1,12 @@
-"""The RoPE + SwiGLU + GQA transformer (``LlamaForCausalLM``; ``Qwen3ForCausalLM``) <->
-the hybrid stack with pattern ``*-*-...`` (one attention and one MLP layer per HF layer).
+"""The RoPE + SwiGLU + GQA transformer (``LlamaForCausalLM``; ``Qwen3ForCausalLM``;
+``Qwen3MoeForCausalLM``) <-> the hybrid stack with pattern ``*-*-...`` (one attention and one
+MLP layer per HF layer), or ``*E*E...`` for Qwen3-MoE.
 
 Qwen3 is Llama plus an RMSNorm over every query and key head before RoPE (``q_norm`` /
 ``k_norm``), which is megatron's ``qk_layernorm``: a config with ``qk_layernorm`` is written
-as Qwen3, one without as Llama.
+as Qwen3, one without as Llama, one with MoE layers as Qwen3-MoE. Qwen3-MoE's router is a
+softmax over all experts then top-k, renormalised iff ``norm_topk_prob``: megatron's softmax
+router renormalises (top-k, then softmax over the k) unless ``moe_router_pre_softmax``.
 
 Tensor names, megatron-core (local spec; TE fused norm names in brackets) to HF. HF layer
 ``i`` is megatron layers ``2i`` (``*``) and ``2i+1`` (``-``); ``A`` is
@@ -22,6 +25,11 @@ Tensor names, megatron-core (local spec; TE fused norm names in brackets) to HF.
                                                     <-> H post_attention_layernorm.weight
     F mlp.linear_fc1.weight = [gate; up]            <-> H mlp.gate_proj / up_proj.weight
     F mlp.linear_fc2.weight                         <-> H mlp.down_proj.weight
+    E pre_mlp_layernorm.weight                      <-> H post_attention_layernorm.weight
+    E mlp.router.weight                             <-> H mlp.gate.weight
+    E mlp.experts.local_experts.<j>.linear_fc1.weight = [gate; up]
+                                                    <-> H mlp.experts.<j>.gate_proj / up_proj
+    E mlp.experts.local_experts.<j>.linear_fc2.weight <-> H mlp.experts.<j>.down_proj.weight
 
 megatron's RoPE (``rotary_interleaved=False``) rotates halves, as HF's ``rotate_half``; both
 use the inverse frequencies ``base^(-2j/d)`` over the whole head, and both scale attention by
@@ -42,8 +50,13 @@ from megatron_ext.export.hf.family import HFFamily
 from megatron_ext.export.hf.mapping import Fixed, Pair, config_from_hf, config_to_hf
 from megatron_ext.models.config import HybridModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 _LAYER_PATTERN = re.compile(r"^(\*-)+$")
+_MOE_PATTERN = re.compile(r"^(\*E)+$")
 
 
 def _rope_to_hf(base: int) -> dict[str, Any]:
@@ -69,7 +82,6 @@ PAIRS = (
     Pair("hidden_size", "hidden_size"),
     Pair("vocab_size", "vocab_size"),
     Pair("max_sequence_length", "max_position_embeddings", default=2048),
-    Pair("pattern", "num_hidden_layers", lambda p: len(p) // 2, lambda n: "*-" * int(n)),
     Pair("num_attention_heads", "num_attention_heads"),
     Pair("num_query_groups", "num_key_value_heads"),
     Pair("kv_channels", "head_dim"),
@@ -86,14 +98,31 @@ FIXED = (
     Fixed("mlp_bias", False, "biases are not built here"),
     Fixed("attention_dropout", 0.0, "attention dropout is not built here"),
 )
+_DENSE_LAYERS = Pair("pattern", "num_hidden_layers", lambda p: len(p) // 2, lambda n: "*-" * n)
+_MOE_PAIRS = (
+    Pair("pattern", "num_hidden_layers", lambda p: len(p) // 2, lambda n: "*E" * int(n)),
+    Pair("num_experts", "num_local_experts"),  # transformers' name; "num_experts" is read too
+    Pair("moe_router_topk", "num_experts_per_tok"),
+    Pair("moe_ffn_hidden_size", "moe_intermediate_size"),
+    Pair("moe_router_pre_softmax", "norm_topk_prob", lambda p: not p, lambda n: not n),
+)
+_PAIRS_BY_TYPE = {"llama": (_DENSE_LAYERS,), "qwen3": (_DENSE_LAYERS,), "qwen3_moe": _MOE_PAIRS}
+_NO_SLIDING = Fixed("use_sliding_window", False, "sliding-window attention is not built here")
 _FIXED_BY_TYPE = {
     "llama": (Fixed("pretraining_tp", 1, "the sliced-matmul emulation of pretraining_tp"),),
-    "qwen3": (Fixed("use_sliding_window", False, "sliding-window attention is not built here"),),
+    "qwen3": (_NO_SLIDING,),
+    "qwen3_moe": (
+        _NO_SLIDING,
+        Fixed("decoder_sparse_step", 1, "every layer's MLP is the MoE (pattern *E)"),
+        Fixed("mlp_only_layers", [], "every layer's MLP is the MoE (pattern *E)"),
+    ),
 }
 
 
 def model_type(cfg: HybridModelConfig) -> str:
-    """``qwen3`` for a model with query/key norms, ``llama`` without."""
+    """``qwen3_moe`` with MoE layers, else ``qwen3`` with query/key norms, else ``llama``."""
+    if cfg.has("E"):
+        return "qwen3_moe"
     return "qwen3" if cfg.qk_layernorm else "llama"
 
 
@@ -106,13 +135,13 @@ def to_hf_config(
     kind = model_type(cfg)
     eod = tokenizer.eod if tokenizer is not None else None
     extra: dict[str, Any] = {}
-    if kind == "qwen3":
+    if kind != "llama":
         extra = {"layer_types": ["full_attention"] * (cfg.num_layers // 2), "sliding_window": None}
     return {
         "architectures": [ARCHITECTURES[kind]],
         "model_type": kind,
         "dtype": cfg.params_dtype,
-        **config_to_hf(PAIRS, FIXED + _FIXED_BY_TYPE[kind], cfg),
+        **config_to_hf(PAIRS + _PAIRS_BY_TYPE[kind], FIXED + _FIXED_BY_TYPE[kind], cfg),
         **extra,
         "bos_token_id": None,
         "eos_token_id": eod,
@@ -134,16 +163,24 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> HybridModelConfig:
         }
     if hf.get("num_key_value_heads") is None:
         hf["num_key_value_heads"] = hf["num_attention_heads"]
+    if hf.get("num_local_experts") is None and hf.get("num_experts") is not None:
+        hf["num_local_experts"] = hf["num_experts"]
     if hf.get("head_dim") is None:
         hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
-    if kind == "qwen3" and any(t != "full_attention" for t in hf.get("layer_types") or []):
+    if kind != "llama" and any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise ExportError(f"config.json layer_types={hf['layer_types']}: only full attention")
-    fields = config_from_hf(PAIRS, FIXED + _FIXED_BY_TYPE[kind], hf)
+    fields = config_from_hf(PAIRS + _PAIRS_BY_TYPE[kind], FIXED + _FIXED_BY_TYPE[kind], hf)
+    if kind == "qwen3_moe":
+        fields.update(
+            moe_router_score_function="softmax",
+            moe_router_topk_scaling_factor=1.0,
+            moe_shared_expert_ffn_hidden_size=0,
+        )
     fields.update(
         name=kind,
         activation="swiglu",
         position_embedding_type="rope",
-        qk_layernorm=kind == "qwen3",
+        qk_layernorm=kind != "llama",
         params_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
     )
     fields.update(overrides)
@@ -153,11 +190,24 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> HybridModelConfig:
 def incompatibilities(cfg: HybridModelConfig) -> list[str]:
     """Why ``cfg`` cannot be written as Llama / Qwen3 (empty when it can)."""
     problems = []
-    if not _LAYER_PATTERN.match(cfg.pattern):
+    if not (_LAYER_PATTERN.match(cfg.pattern) or _MOE_PATTERN.match(cfg.pattern)):
         problems.append(
             f"model.pattern={cfg.pattern!r}: a Llama / Qwen3 layer is one attention and one MLP "
-            "layer, so the pattern must be '*-' repeated"
+            "layer, so the pattern must be '*-' (or, for Qwen3-MoE, '*E') repeated"
         )
+    if cfg.has("E"):
+        if cfg.moe_router_score_function != "softmax" or cfg.moe_router_enable_expert_bias:
+            problems.append(
+                "model.moe_router_score_function: the Qwen3-MoE router is a softmax router "
+                "without expert bias"
+            )
+        if cfg.moe_shared_expert_ffn_hidden_size or not cfg.qk_layernorm:
+            problems.append(
+                "model.moe_shared_expert_ffn_hidden_size / qk_layernorm: Qwen3-MoE has no "
+                "shared expert and has query/key norms"
+            )
+        if float(cfg.moe_router_topk_scaling_factor or 1.0) != 1.0:
+            problems.append("model.moe_router_topk_scaling_factor: Qwen3-MoE does not scale")
     if cfg.position_embedding_type != "rope":
         problems.append(
             f"model.position_embedding_type={cfg.position_embedding_type!r}: Llama / Qwen3 "
@@ -208,7 +258,12 @@ _LAYER: dict[str, dict[str, tuple[str, ...]]] = {
         "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
     },
 }
+_LAYER["E"] = {
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "mlp.router.weight": ("mlp.gate.weight",),
+}
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 
 
 def hf_names(key: str, cfg: HybridModelConfig) -> tuple[str, ...]:
@@ -220,9 +275,16 @@ def hf_names(key: str, cfg: HybridModelConfig) -> tuple[str, ...]:
     match = _LAYER_KEY.match(key)
     if match is not None:
         layer, rest = int(match[1]), match[2]
+        head = f"model.layers.{layer // 2}."
         names = _LAYER.get(cfg.pattern[layer], {}).get(rest)
         if names is not None:
-            return tuple(f"model.layers.{layer // 2}.{n}" for n in names)
+            return tuple(head + n for n in names)
+        expert = _EXPERT.match(rest) if cfg.pattern[layer] == "E" else None
+        if expert is not None:
+            j = f"{head}mlp.experts.{expert[1]}."
+            if expert[2] == "1":
+                return (f"{j}gate_proj.weight", f"{j}up_proj.weight")
+            return (f"{j}down_proj.weight",)
     raise ExportError(f"no Llama / Qwen3 name for megatron tensor {key!r}")
 
 
