@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
         "source": str(source),
         "source_kind": kind,
         "budget_widths": models.widths if isinstance(models, ElasticBudgets) else None,
+        "compute": models.mode if isinstance(models, ElasticBudgets) else "slices",
         "prompts": len(prompts),
         "prompts_from": evalset.origin,
         "scored": evalset.references is not None,

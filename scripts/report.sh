@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The report pipeline on CPU, end to end, then `star-elastic report`:
 #
-#   parent (stdlib, make demo's) -> arithmetic fine-tune -> importance -> train-elastic
-#     -> slice -> generate, four think/answer pairs, on the elastic checkpoint and on the
-#     slices -> qad fp8 / nvfp4 (when the qad recipe is installed) -> REPORT.md
+#   parent (stdlib, make demo's) -> arithmetic fine-tune -> importance (widths and layers)
+#     -> train-elastic (elastic=tiny_depth: S keeps fewer layers) -> slice -> generate, all
+#     nine think/answer pairs over L/M/S, on the elastic checkpoint in narrow compute and on
+#     the slices -> qad fp8 / nvfp4 (when the qad recipe is installed) -> REPORT.md
 #
 # Every stage writes under $ROOT (default runs/report) and resumes from its own checkpoints
 # when run again; the report is $ROOT/REPORT.md with its PNGs beside it. About 18 minutes on
@@ -40,6 +41,8 @@ case "$SIZE" in
   *) echo "SIZE must be full or smoke, not $SIZE" >&2; exit 2 ;;
 esac
 DATA=(data=arithmetic "data.arithmetic.test_examples=$TEST")
+ELASTIC=(elastic=tiny_depth)  # the depth axis: S skips layers, so its latency saving can show
+PAIRS=("generation.pair_budgets=[L,M,S]")
 
 stage() { echo; echo "=== $* ==="; }
 
@@ -56,16 +59,18 @@ stage "importance"
 "$SE" importance "${DATA[@]}" "parent.dir=$ROOT/parent" "run.dir=$ROOT/importance"
 
 stage "elastic training"
-"$SE" train-elastic "${DATA[@]}" "${CURRICULUM[@]}" "source.dir=$ROOT/importance" \
+"$SE" train-elastic "${DATA[@]}" "${ELASTIC[@]}" "${CURRICULUM[@]}" "source.dir=$ROOT/importance" \
   "run.dir=$ROOT/elastic" logger=none
 
 stage "slices"
-"$SE" slice "${DATA[@]}" "source.dir=$ROOT/elastic" "run.dir=$ROOT/slices"
+"$SE" slice "${DATA[@]}" "${ELASTIC[@]}" "source.dir=$ROOT/elastic" "run.dir=$ROOT/slices"
 
 for kind in elastic slices; do
-  stage "budget control on the $kind: S->S, S->L, L->S, L->L"
-  "$SE" generate "${DATA[@]}" generation=arithmetic "source.dir=$ROOT/$kind" \
-    "source.kind=$kind" "run.dir=$ROOT/generate_$kind"
+  stage "budget control on the $kind: every think -> answer pair over L, M, S"
+  compute=(elastic.compute=narrow)  # the elastic checkpoint skips the layers S drops
+  if [ "$kind" = slices ]; then compute=(); fi
+  "$SE" generate "${DATA[@]}" "${ELASTIC[@]}" "${compute[@]}" generation=arithmetic \
+    "${PAIRS[@]}" "source.dir=$ROOT/$kind" "source.kind=$kind" "run.dir=$ROOT/generate_$kind"
 done
 
 if [ "$QAD" = auto ]; then
@@ -75,7 +80,7 @@ fi
 if [ "$QAD" = 1 ]; then
   for format in fp8 nvfp4; do
     stage "QAD $format"
-    "$SE" qad "${DATA[@]}" "quant=$format" "qad_train.steps=$QAD_STEPS" \
+    "$SE" qad "${DATA[@]}" "${ELASTIC[@]}" "quant=$format" "qad_train.steps=$QAD_STEPS" \
       "source.dir=$ROOT/elastic" "run.dir=$ROOT/qad_$format"
   done
 fi

@@ -26,7 +26,9 @@ class GenerateConfig:
     closing marker is appended to the trace. The ``answer_budget`` model then prefills
     ``prompt + think_open + trace`` and decodes until end-of-document, a newline (when
     ``stop_at_newline``) or ``max_answer_tokens``. ``all_pairs`` also runs the other three
-    pairings of the two budgets, the paper's four configurations (S→S, S→L, L→S, L→L).
+    pairings of the two budgets, the paper's four configurations (S→S, S→L, L→S, L→L), or,
+    with ``pair_budgets`` (e.g. ``[L, M, S]``), every (think, answer) pair over those
+    budgets: nine for three.
 
     Sampling: ``temperature=0`` is greedy; otherwise ``top_k`` (0: the whole vocabulary) and
     a ``torch.Generator`` seeded with ``seed`` make a run reproducible.
@@ -35,6 +37,7 @@ class GenerateConfig:
     think_budget: str = "S"
     answer_budget: str = "L"
     all_pairs: bool = False
+    pair_budgets: list[str] = field(default_factory=list)
     max_think_tokens: int = 64
     max_answer_tokens: int = 64
     think_open: str = "<think>"
@@ -52,6 +55,18 @@ class GenerateConfig:
             require(bool(getattr(self, name)), f"generation.{name}", "must name a budget")
         for name in ("max_think_tokens", "max_answer_tokens"):
             require(getattr(self, name) >= 1, f"generation.{name}", "must be >= 1")
+        self.pair_budgets = [str(b) for b in self.pair_budgets]
+        repeated = sorted({b for b in self.pair_budgets if self.pair_budgets.count(b) > 1})
+        require(not repeated, "generation.pair_budgets", f"names a budget twice: {repeated}")
+        if self.pair_budgets:
+            outside = [
+                b for b in (self.think_budget, self.answer_budget) if b not in self.pair_budgets
+            ]
+            require(
+                not outside,
+                "generation.pair_budgets",
+                f"must include the configured think/answer budgets; add {outside}",
+            )
         require(
             bool(self.think_close),
             "generation.think_close",
@@ -75,8 +90,8 @@ class GenerateConfig:
         first = (self.think_budget, self.answer_budget)
         if not self.all_pairs:
             return [first]
-        small, large = self.think_budget, self.answer_budget
-        grid = [(small, small), (small, large), (large, small), (large, large)]
+        names = self.pair_budgets or [self.think_budget, self.answer_budget]
+        grid = [(think, answer) for think in names for answer in names]
         return [first] + [p for p in dict.fromkeys(grid) if p != first]
 
     def budgets(self) -> list[str]:

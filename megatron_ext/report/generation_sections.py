@@ -1,4 +1,4 @@
-"""Report sections about generation: the four budget-control pairs, slice throughput."""
+"""Report sections about generation: the budget-control pairs, slice throughput."""
 
 from __future__ import annotations
 
@@ -8,26 +8,36 @@ from typing import Any
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.inputs import Missing, budget_throughput, read_summary, timing_noise
 from megatron_ext.report.markdown import Section, md_table, not_run
-from megatron_ext.report.plots import plot_budget_control, plot_throughput
+from megatron_ext.report.plots import plot_budget_control, plot_frontier, plot_throughput
 
 CONTROL_PNG = "budget_control.png"
+FRONTIER_PNG = "budget_frontier.png"
 THROUGHPUT_PNG = "slice_throughput.png"
 ELASTIC = "elastic (masked)"
 SLICES = "slices"
 
 
+def elastic_label(cfg: ReportConfig) -> str:
+    """``elastic (<compute mode>)`` of the elastic generate run (masked when not recorded)."""
+    summary = read_summary(cfg.generate_elastic)
+    mode = "masked" if isinstance(summary, Missing) else summary.get("compute", "masked")
+    return f"elastic ({mode})"
+
+
 def _sources(cfg: ReportConfig) -> dict[str, Path]:
-    return {ELASTIC: Path(cfg.generate_elastic), SLICES: Path(cfg.generate_slices)}
+    return {elastic_label(cfg): Path(cfg.generate_elastic), SLICES: Path(cfg.generate_slices)}
 
 
 def generate_command(cfg: ReportConfig, label: str) -> str:
     """The command that makes the generate run of source ``label``."""
-    source = cfg.elastic if label == ELASTIC else cfg.slices
-    kind = "elastic" if label == ELASTIC else "slices"
-    run_dir = cfg.generate_elastic if label == ELASTIC else cfg.generate_slices
+    elastic = label.startswith("elastic")
+    source = cfg.elastic if elastic else cfg.slices
+    kind = "elastic" if elastic else "slices"
+    run_dir = cfg.generate_elastic if elastic else cfg.generate_slices
+    compute = " elastic.compute=narrow" if elastic else ""
     return (
         f"star-elastic generate data=arithmetic generation=arithmetic source.dir={source} "
-        f"source.kind={kind} run.dir={run_dir}"
+        f"source.kind={kind} run.dir={run_dir}{compute}"
     )
 
 
@@ -43,21 +53,26 @@ def budget_sizes(cfg: ReportConfig) -> dict[str, int]:
     return {}
 
 
-def pair_order(pairs: list[str], sizes: dict[str, int] | None = None) -> list[str]:
-    """``S->S, S->L, L->S, L->L`` with S the smallest and L the largest budget of ``pairs``.
-
-    Sizes come from ``sizes`` (active parameters); without them the first pair is taken as
-    ``small->large`` (generate lists its configured pair first). Other pairs follow as found.
-    """
-    if not pairs:
-        return []
+def budget_names(pairs: list[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """The budgets of ``pairs``, smallest first: by ``sizes`` (active parameters) when they
+    cover every name, else ``small, large`` from the first pair (generate lists its configured
+    ``small->large`` pair first) and the others as found."""
     names = list(dict.fromkeys(b for p in pairs for b in p.split("->")))
     if sizes and all(n in sizes for n in names):
-        small, large = min(names, key=sizes.__getitem__), max(names, key=sizes.__getitem__)
-    else:
-        small, _, large = pairs[0].partition("->")
-    grid = [f"{a}->{b}" for a in (small, large) for b in (small, large)]
-    return [p for p in dict.fromkeys(grid) if p in pairs] + [p for p in pairs if p not in grid]
+        return sorted(names, key=sizes.__getitem__)
+    if not pairs:
+        return []
+    small, _, large = pairs[0].partition("->")
+    middle = [n for n in names if n not in (small, large)]
+    return list(dict.fromkeys([small, *middle, large]))
+
+
+def pair_order(pairs: list[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """Every ``think->answer`` pair, think budget smallest first, then answer smallest first
+    (``S->S, S->L, L->S, L->L`` for two; nine for three budgets). Others follow as found."""
+    names = budget_names(pairs, sizes)
+    grid = [f"{a}->{b}" for a in names for b in names]
+    return [p for p in grid if p in pairs] + [p for p in pairs if p not in grid]
 
 
 def _pair_row(name: str, p: dict[str, Any]) -> list[Any]:
@@ -94,34 +109,46 @@ HEADERS = [
 def _verdict(
     pairs: dict[str, dict[str, Any]], label: str, sizes: dict[str, int], noise: float | None
 ) -> str:
-    """S→L against L→L: latency (against the timing noise when known) and accuracy."""
-    order = pair_order(list(pairs), sizes)
-    if len(order) < 4:
+    """Every X→L against L→L (L the largest budget): latency (against the timing noise when
+    known) and accuracy, and whether X→L is faster at no lower accuracy."""
+    names = budget_names(list(pairs), sizes)
+    if len(names) < 2:
         return ""
-    mixed, large = pairs[order[1]], pairs[order[3]]
-    lat_m, lat_l = mixed.get("latency_s"), large.get("latency_s")
-    acc_m, acc_l = mixed.get("accuracy"), large.get("accuracy")
-    if lat_m is None or lat_l is None:
+    big = names[-1]
+    large = pairs.get(f"{big}->{big}")
+    if large is None or large.get("latency_s") is None:
         return ""
-    faster = "faster" if lat_m < lat_l else "slower"
-    change = abs(1 - lat_m / lat_l)
-    text = f"{label}: {order[1]} is {change:.0%} {faster} than {order[3]}"
-    if noise is not None and change <= noise:
-        text += f" (within this machine's timing noise of {noise:.0%})"
-    if acc_m is not None and acc_l is not None:
-        text += f" at accuracy {acc_m:.1%} vs {acc_l:.1%}"
-    return text + "."
+    lines = []
+    for think in names[:-1]:
+        mixed = pairs.get(f"{think}->{big}")
+        if mixed is None or mixed.get("latency_s") is None:
+            continue
+        lat_m, lat_l = mixed["latency_s"], large["latency_s"]
+        acc_m, acc_l = mixed.get("accuracy"), large.get("accuracy")
+        faster = "faster" if lat_m < lat_l else "slower"
+        change = abs(1 - lat_m / lat_l) if lat_l else 0.0
+        text = f"{label}: {think}->{big} is {change:.0%} {faster} than {big}->{big}"
+        if noise is not None and change <= noise:
+            text += f" (within this machine's timing noise of {noise:.0%})"
+        if acc_m is not None and acc_l is not None:
+            text += f" at accuracy {acc_m:.1%} vs {acc_l:.1%}"
+            beats = lat_m < lat_l and acc_m >= acc_l and (noise is None or change > noise)
+            text += f": it beats {big}->{big}" if beats else f": it does not beat {big}->{big}"
+        lines.append(text + ".")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
     """Accuracy and latency of the four think/answer pairs, per model source."""
-    title = "Budget control: think S/L, answer S/L"
+    title = "Budget control: think at one budget, answer at another"
     tables: dict[str, dict[str, dict[str, Any]]] = {}
     missing: list[Missing | str] = []
     body: list[str] = []
     sizes = budget_sizes(cfg)
     masked = read_summary(cfg.generate_elastic)
-    noise = None if isinstance(masked, Missing) else timing_noise(masked)
+    narrow = not isinstance(masked, Missing) and masked.get("compute") == "narrow"
+    # masked pairs all decode one full-width model: their spread is the timing noise
+    noise = None if isinstance(masked, Missing) or narrow else timing_noise(masked)
     for label, directory in _sources(cfg).items():
         summary = read_summary(directory)
         if isinstance(summary, Missing):
@@ -149,12 +176,21 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
         body += [verdict, ""] if verdict else []
     if not tables:
         return not_run(title, missing, [generate_command(cfg, s) for s in _sources(cfg)])
-    body += [
-        "Masked elastic compute runs every budget at full width (a mask zeroes the inactive "
-        "channels), so on the elastic source a small budget is not cheaper: its latencies "
-        "differ by the number of tokens generated, not by the width. Slices run at their own "
-        "width, so only the slices show what a small think budget saves.",
-    ]
+    if narrow:
+        body += [
+            "Narrow elastic compute runs each budget on its active components only, and a "
+            "budget with fewer layers (the depth axis) does not run the skipped layers nor "
+            "allocate their caches: a small budget is cheaper on the elastic checkpoint as on "
+            "its slice. The frontier plot shows accuracy against latency for every pair; the "
+            "line joins the pairs no other pair beats on both.",
+        ]
+    else:
+        body += [
+            "Masked elastic compute runs every budget at full width (a mask zeroes the inactive "
+            "channels), so on the elastic source a small budget is not cheaper: its latencies "
+            "differ by the number of tokens generated, not by the width. Slices run at their "
+            "own width, so only the slices show what a small think budget saves.",
+        ]
     if noise is not None:
         body += [
             "",
@@ -166,6 +202,7 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
         body += ["", "Not run: " + "; ".join(str(m) for m in missing) + "."]
     all_pairs = pair_order(list(dict.fromkeys(p for t in tables.values() for p in t)), sizes)
     plot_budget_control(tables, all_pairs, out_dir / CONTROL_PNG)
+    plot_frontier(tables, out_dir / FRONTIER_PNG)
     label, first = next(reversed(tables.items()))  # the slices when both ran
     headline = f"{label}: " + ", ".join(_brief(p, first[p]) for p in pair_order(list(first), sizes))
     figures = {
@@ -175,7 +212,9 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
         }
         for label, t in tables.items()
     }
-    return Section(title, "\n".join(body), [CONTROL_PNG], headline=headline, figures=figures)
+    return Section(
+        title, "\n".join(body), [CONTROL_PNG, FRONTIER_PNG], headline=headline, figures=figures
+    )
 
 
 def _brief(name: str, pair: dict[str, Any]) -> str:

@@ -69,6 +69,45 @@ def plot_budget_control(
     return _save(fig, path)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, accuracy) points no other point beats on both, by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_frontier(tables: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path) -> Path:
+    """PNG: accuracy against latency per (think → answer) pair and source, Pareto line drawn.
+
+    ``tables[source][pair]`` holds ``accuracy`` and ``latency_s``; unscored pairs are left out.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for (source, table), marker in zip(tables.items(), "osD^v"):
+        names = [p for p, v in table.items() if v.get("accuracy") is not None]
+        points = [(float(table[p]["latency_s"]), float(table[p]["accuracy"])) for p in names]
+        if not points:
+            continue
+        dots = ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker)
+        for name, (x, y) in zip(names, points):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = [points[i] for i in pareto_front(points)]
+        ax.plot([x for x, _ in front], [y for _, y in front], color=dots.get_facecolor()[0])
+        dots.set_label(source)
+    if not ax.collections:
+        ax.text(0.5, 0.5, "no reference answers: not scored", ha="center", va="center")
+    ax.set_xlabel("latency per prompt (s)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("accuracy-latency frontier of the think -> answer pairs")
+    return _save(fig, path)
+
+
 def plot_quantization(
     budgets: Sequence[str],
     series: Mapping[str, Sequence[float | None]],

@@ -27,7 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_ext.checkpoint import CheckpointManager
 from megatron_ext.elastic.config import ElasticConfig
-from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.cost import CostModel, CostSpec
 from megatron_ext.elastic.pipeline_step import ElasticForwardStep
@@ -73,6 +73,12 @@ ELASTIC = ElasticConfig(
         {"name": "L", "target": 1.0, "kind": "params"},
         {"name": "S", "target": 0.45, "kind": "params"},
     ],
+)
+# depth 5 of 8 keeps layers 0, 1, 3 (stage 0) and 4, 6 (stage 1): each stage skips some
+ORDER = (1, 0, 3, 4, 6, 5, 2, 7)
+ELASTIC_DEPTH = ElasticConfig(
+    axes={**AXES, "depth": [8, 6, 5]},  # type: ignore[arg-type]
+    budgets=ELASTIC.budgets,
 )
 TRAIN = ElasticTrainConfig(ce_weight=0.5, cost_weight=1.0, warmup_steps=0)
 DDP = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -169,22 +175,25 @@ def smallest_first(router: ElasticRouter) -> None:
             bias[:, n - 1] += 4.0  # wins against the Gumbel noise, leaves the softmax soft
 
 
-def elastic_step(pp: int, mode: str, weights: Path):
-    """One elastic step (teacher pass, then the student's) at ``pp``; returns its pieces."""
+def elastic_step(pp: int, mode: str, weights: Path, depth: bool = False):
+    """One elastic step (teacher pass, then the student's) at ``pp``; returns its pieces.
+
+    ``depth``: the depth axis too (layer ranking ``ORDER``), so both stages skip layers."""
     par, pgs = layout(pp=pp)
     teacher = build(par, pgs, seed=SEED + 7)
     load_weights(teacher, weights)
     teacher.eval().requires_grad_(False)
     student = build(par, pgs, seed=SEED + 8)
     load_weights(student, weights)
-    ctrl = ElasticController(MODEL, mode=mode)
+    order = ORDER if depth else ()
+    ctrl = ElasticController(MODEL, StripeLayout(layer_order=order), mode=mode)
     convert_to_elastic(student, ctrl)
-    router = ElasticRouter(ELASTIC, RouterConfig(hidden=32, seed=3))
+    router = ElasticRouter(ELASTIC_DEPTH if depth else ELASTIC, RouterConfig(hidden=32, seed=3))
     smallest_first(router)
     ddp = wrap(student, par, pgs)
     router_ddp = replicated_chunk(router, student.config, pgs)
     ddp.config.finalize_model_grads_func = finalize_with([router_ddp], pgs)
-    cost = CostModel(MODEL, CostSpec(kind="params"))
+    cost = CostModel(MODEL, CostSpec(kind="params"), order)
     target = 0.45 * cost.full()
 
     def cost_error(expected):
@@ -208,25 +217,27 @@ def router_grads(router_ddp) -> dict[str, torch.Tensor]:
     return {n: p.main_grad.clone() for n, p in router_ddp.module.module.named_parameters()}
 
 
-def case_elastic(work: Path, mode: str) -> dict:
+def case_elastic(work: Path, mode: str, depth: bool = False) -> dict:
     """The elastic step (router, KD + CE + cost, every axis reduced) at PP=2 against PP=1."""
     par, pgs = layout(pp=1)
-    weights = save_weights(build(par, pgs, seed=SEED + 5), work / f"elastic_{mode}_weights")
-    ddp, router_ddp, step, out, _ = elastic_step(1, mode, weights)
+    mode_dir = f"{mode}_depth" if depth else mode
+    weights = save_weights(build(par, pgs, seed=SEED + 5), work / f"elastic_{mode_dir}_weights")
+    ddp, router_ddp, step, out, _ = elastic_step(1, mode, weights, depth)
     kd_ref = last_stage_losses(out, "kd")
-    grads_ref = main_grads_dir(ddp, work / f"elastic_{mode}_grads_ref")
+    grads_ref = main_grads_dir(ddp, work / f"elastic_{mode_dir}_grads_ref")
     router_ref = router_grads(router_ddp)
     choices_ref = step.choices
     del ddp, router_ddp
 
-    ddp, router_ddp, step, out, pgs = elastic_step(2, mode, weights)
+    ddp, router_ddp, step, out, pgs = elastic_step(2, mode, weights, depth)
     kd_pp = last_stage_losses(out, "kd")
-    grads_pp = main_grads_dir(ddp, work / f"elastic_{mode}_grads_pp")
+    grads_pp = main_grads_dir(ddp, work / f"elastic_{mode_dir}_grads_pp")
     result = compare(plain(grads_ref), plain(grads_pp))
     router_pp = router_grads(router_ddp)
     router_diff = max(float((router_ref[k] - router_pp[k]).abs().max()) for k in router_ref)
     router_scale = max(float(g.abs().max()) for g in router_ref.values())
-    reduced = sorted(a for a, w in choices_ref[0].items() if w < AXES[a][0])
+    full = {**AXES, "depth": [MODEL.num_layers]}
+    reduced = sorted(a for a, w in choices_ref[0].items() if w < full[a][0])
     return {
         "kd_ref": kd_ref,
         "kd_pp": kd_pp,
@@ -352,6 +363,8 @@ CASES = {
     "parent_tied_pp2_vs_pp1": lambda work: case_parent(work, TIED, "tied"),
     "elastic_masked_pp2_vs_pp1": lambda work: case_elastic(work, "masked"),
     "elastic_narrow_pp2_vs_pp1": lambda work: case_elastic(work, "narrow"),
+    "elastic_depth_masked_pp2_vs_pp1": lambda work: case_elastic(work, "masked", depth=True),
+    "elastic_depth_narrow_pp2_vs_pp1": lambda work: case_elastic(work, "narrow", depth=True),
     "resume_pp2": case_resume_pp2,
 }
 

@@ -84,6 +84,21 @@ def test_pp2_elastic_step_equals_pp1_at_every_axis_reduced(results, mode):
 
 
 @pytest.mark.parametrize("mode", ["masked", "narrow"])
+def test_pp2_elastic_step_with_skipped_layers_on_both_stages_equals_pp1(results, mode):
+    """The depth axis at 5 of 8 layers (global layer numbers: stage 0 skips layer 2, stage 1
+    skips 5 and 7) with every width reduced: PP=2 gives PP=1's losses and gradients."""
+    result = case(results, f"elastic_depth_{mode}_pp2_vs_pp1")
+    assert "depth" in result["reduced_axes"] and len(result["reduced_axes"]) == 8
+    assert result["choices_ref"][0]["depth"] == 5
+    assert result["kd_pp"] == result["kd_ref"]
+    assert result["grad_max_abs_diff"] == 0.0 and result["grad_tensors"] > 40
+    assert result["router_grad_scale"] > 1e-3
+    assert result["router_grad_rel_diff"] <= ROUTER_GRAD_RTOL, result
+    stage0, stage1 = result["choices_by_stage"]
+    assert stage0 == stage1 == result["choices_ref"]
+
+
+@pytest.mark.parametrize("mode", ["masked", "narrow"])
 def test_every_stage_and_micro_batch_applies_the_same_router_choice(results, mode):
     result = case(results, f"elastic_{mode}_pp2_vs_pp1")
     stage0, stage1 = result["choices_by_stage"]

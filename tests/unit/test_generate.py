@@ -241,6 +241,19 @@ def test_generate_config_errors_name_the_field_and_pairs_cover_the_four_configur
     assert cfg.budgets() == ["S", "L"]
 
 
+def test_pair_budgets_give_every_think_answer_pair_over_them():
+    cfg = GenerateConfig(all_pairs=True, pair_budgets=["L", "M", "S"])
+    pairs = cfg.pairs()
+    assert pairs[0] == ("S", "L") and len(pairs) == len(set(pairs)) == 9
+    assert set(pairs) == {(a, b) for a in "LMS" for b in "LMS"}
+    assert set(cfg.budgets()) == {"L", "M", "S"}
+    assert GenerateConfig(pair_budgets=["L", "M", "S"]).pairs() == [("S", "L")]  # all_pairs off
+    with pytest.raises(ConfigError, match="generation.pair_budgets.*add \\['S'\\]"):
+        GenerateConfig(all_pairs=True, pair_budgets=["L", "M"])
+    with pytest.raises(ConfigError, match="generation.pair_budgets.*twice"):
+        GenerateConfig(all_pairs=True, pair_budgets=["L", "S", "L"])
+
+
 def test_prompts_file_is_read_as_plain_lines_or_json_lines(tmp_path):
     plain = tmp_path / "prompts.txt"
     plain.write_text("def f():\n\nimport os\n")

@@ -121,7 +121,7 @@ def test_report_renders_every_section_with_its_pngs_from_run_dirs(runs, tmp_path
     assert text.index("| S → S |") < text.index("| S → L |") < text.index("| L → S |")
     assert "| S → L | 0.75 | 3/4 |" in text
     # S->L: 30/200 + 5/100 = 0.2 s against L->L: 30/100 + 5/100 = 0.35 s
-    assert "slices: S->L is 43% faster than L->L at accuracy 75.0% vs 75.0%." in text
+    assert "- slices: S->L is 43% faster than L->L at accuracy 75.0% vs 75.0%: it beats" in text
     # checkpoint sizes: 3100 weights, 9100 with the optimizer, slices 4700
     assert "| all slices (separate checkpoints) | 4,700 |" in text
     assert "| elastic checkpoint: weights | 3,100 |" in text
@@ -178,6 +178,52 @@ def test_pairs_are_ordered_small_small_to_large_large_by_budget_size():
     pairs = ["L->L", "S->L", "S->S", "L->S"]
     assert pair_order(pairs, {"S": 1, "L": 2}) == ["S->S", "S->L", "L->S", "L->L"]
     assert pair_order(["S->L", "L->L"]) == ["S->L", "L->L"]  # no sizes: the first pair is S->L
+
+
+def test_three_budgets_give_nine_pairs_in_size_order_and_a_verdict_per_think_budget(tmp_path):
+    from megatron_ext.report.generation_sections import budget_control_section
+    from megatron_ext.report.plots import pareto_front
+
+    sizes = {"S": 1, "M": 2, "L": 3}
+    names = [f"{a}->{b}" for a in "LMS" for b in "SML"]
+    order = pair_order(names, sizes)
+    assert order == [f"{a}->{b}" for a in "SML" for b in "SML"]
+    # latency: think at S 0.1 s, M 0.2 s, L 0.3 s; accuracy only when answering at L
+    pairs = {
+        n: {"latency_s": 0.1 * (1 + "SML".index(n[0])), "accuracy": 0.2 + 0.6 * (n[-1] == "L")}
+        for n in names
+    }
+    pairs["M->L"]["accuracy"] = 0.7  # M->L is faster than L->L but less accurate
+    points = [(p["latency_s"], p["accuracy"]) for p in pairs.values()]
+    assert [names[i] for i in pareto_front(points)] == ["S->L"]  # fastest and most accurate
+    summary = {"prompts": 1, "prompts_from": "x", "scored": True, "compute": "narrow"}
+    summary["pairs"] = pairs
+    _write(tmp_path / "generate_elastic", summary)
+    _write(tmp_path / "elastic", {"budgets": {n: {"active_params": v} for n, v in sizes.items()}})
+    cfg = ReportConfig(
+        elastic=str(tmp_path / "elastic"),
+        slices=str(tmp_path / "none"),
+        generate_elastic=str(tmp_path / "generate_elastic"),
+        generate_slices=str(tmp_path / "none"),
+    )
+    section = budget_control_section(cfg, tmp_path)
+    assert "### elastic (narrow)" in section.body
+    assert (
+        "- elastic (narrow): S->L is 67% faster than L->L at accuracy 80.0% vs 80.0%: it "
+        "beats L->L." in section.body
+    )
+    assert "M->L is 33% faster than L->L at accuracy 70.0% vs 80.0%: it does not beat" in (
+        section.body
+    )
+    assert section.images == ["budget_control.png", "budget_frontier.png"]
+    assert (tmp_path / "budget_frontier.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pareto_front_keeps_the_points_no_other_beats_on_latency_and_accuracy():
+    from megatron_ext.report.plots import pareto_front
+
+    points = [(0.3, 0.8), (0.1, 0.2), (0.2, 0.8), (0.25, 0.5), (0.1, 0.1)]
+    assert pareto_front(points) == [1, 2]  # (0.3, 0.8) is beaten by (0.2, 0.8)
 
 
 def test_throughput_pools_every_phase_run_at_a_budget():
