@@ -120,4 +120,5 @@ def test_import_recipe_refuses_another_model_type_naming_it(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "model_type='gpt2'" in err and "llama" in err and "nemotron_h" in err
-    assert not (tmp_path / "run").exists()  # refused before anything is written
+    run = tmp_path / "run"  # refused before anything is written (the run lock aside)
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
