@@ -12,7 +12,7 @@ step)``, as the trainer does) and compares three models at that budget's final r
 
 * zero-shot: the importance-ordered parent (``source.dir``) sliced to a plain smaller model;
 * separate: that slice distilled alone from the frozen unsliced parent with the run's loss
-  (``kd_loss``, its temperature, ``ce_weight``), optimizer (AdamW of ``build_optimizer``,
+  (``kd_loss``, its temperature, ``ce_weight``), optimizer (the training engine's Adam,
   ``elastic_train`` betas / weight decay / clipping), per-stage lr and linear warm-up (over
   its own steps), for exactly the counted steps, on exactly the batches those steps of the
   elastic run saw (each stage's iterator rebuilt with ``_stages``' seeds; the other budgets'
@@ -36,13 +36,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from megatron_ext.checkpoint import CheckpointManager  # noqa: E402
+from megatron_ext.compat.engine import apply_engine_shims  # noqa: E402
 from megatron_ext.config.compose import section  # noqa: E402
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig  # noqa: E402
-from megatron_ext.distill import kd_loss  # noqa: E402
 from megatron_ext.elastic.budget_eval import evaluate_at, load_choices  # noqa: E402
 from megatron_ext.elastic.config import ElasticConfig  # noqa: E402
 from megatron_ext.elastic.controller import ElasticController, StripeLayout  # noqa: E402
@@ -50,26 +49,47 @@ from megatron_ext.elastic.convert import convert_to_elastic  # noqa: E402
 from megatron_ext.elastic.curriculum import CurriculumConfig, sample_budget  # noqa: E402
 from megatron_ext.elastic.slice_run import load_source  # noqa: E402
 from megatron_ext.elastic.slicing import build_slice, slice_model  # noqa: E402
+from megatron_ext.elastic.step import elastic_loss  # noqa: E402
 from megatron_ext.elastic.train_config import ElasticTrainConfig  # noqa: E402
 from megatron_ext.models.builder import build_model, causal_mask  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 from megatron_ext.report import format_table  # noqa: E402
 from megatron_ext.training.data import build_batches  # noqa: E402
-from megatron_ext.training.grads import clip_grad_norm, reduce_gradients  # noqa: E402
+from megatron_ext.training.engine import Engine  # noqa: E402
+from megatron_ext.training.engine_config import EngineConfig  # noqa: E402
 from megatron_ext.training.loop import evaluate  # noqa: E402
-from megatron_ext.training.optim import build_optimizer, set_lr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
+class KDStep:
+    """The elastic run's loss (KD, plus CE when configured) without router or cost term."""
+
+    def __init__(self, teacher, train: ElasticTrainConfig, pgs) -> None:
+        self.teacher, self.train, self.pgs = teacher, train, pgs
+
+    def forward(self, model, batch):
+        """Teacher logits (no grad), the student's, and the loss function."""
+        tokens, pos = batch["tokens"], batch["position_ids"]
+        mask = causal_mask(tokens.shape[1], tokens.device)
+        with torch.no_grad():
+            target = self.teacher(tokens, pos, mask)
+        none = torch.zeros(())
+        tp = self.pgs.tp
+
+        def loss(logits):
+            return elastic_loss(logits, target, batch, none, cfg=self.train, tp_group=tp, tp_size=1)
+
+        return model(tokens, pos, mask), loss
+
+
 def distill(student, teacher, stages, data, train: ElasticTrainConfig, pgs) -> int:
     """Train ``student`` by KD on the chosen steps' batches of each stage; returns steps."""
-    adam = {"adam_beta1": train.adam_beta1, "adam_beta2": train.adam_beta2}
-    adam["weight_decay"] = train.weight_decay
-    opt_cfg = TrainConfig(steps=2, warmup_steps=0, lr=stages[0]["lr"], min_lr=0.0, **adam)
-    opt = build_optimizer(student, opt_cfg)
-    student.train()
+    settings = EngineConfig.of(train, "elastic_train", lr=stages[0]["lr"], global_batch_size=0)
+    engine = Engine([student], settings, pgs)
+    step = KDStep(teacher, train, pgs)
+    engine.train()
     done = 0
     for st in stages:
         tc = TrainConfig(
@@ -85,23 +105,7 @@ def distill(student, teacher, stages, data, train: ElasticTrainConfig, pgs) -> i
             if not chosen:
                 continue
             warm = min(1.0, (done + 1) / train.warmup_steps) if train.warmup_steps else 1.0
-            set_lr(opt, st["lr"] * warm)
-            opt.zero_grad(set_to_none=True)
-            tokens, pos = batch["tokens"], batch["position_ids"]
-            mask = causal_mask(tokens.shape[1], tokens.device)
-            with torch.no_grad():
-                teacher_logits = teacher(tokens, pos, mask)
-            logits = student(tokens, pos, mask)
-            m = batch["loss_mask"]
-            t = train.kd_temperature
-            loss = kd_loss(logits, teacher_logits, temperature=t, tp_group=pgs.tp, loss_mask=m)
-            if train.ce_weight > 0:
-                ce = vocab_parallel_cross_entropy(logits.float(), batch["labels"])
-                loss = loss + train.ce_weight * (ce * m).sum() / m.sum().clamp(min=1)
-            loss.backward()
-            reduce_gradients(student, pgs)
-            clip_grad_norm(student, train.grad_clip, pgs)
-            opt.step()
+            engine.step(step, [batch], st["lr"] * warm)
             done += 1
     return done
 
@@ -121,6 +125,7 @@ def main() -> None:
     index = len(elastic.budgets) - 1
     budget = elastic.budgets[index].name
     widths = load_choices(run)[budget]  # type: ignore[index]
+    apply_engine_shims()
     pgs = init_distributed(ParallelConfig(), seed=seed)
 
     stages, steps, tokens = [], 0, 0

@@ -1,4 +1,4 @@
-"""The benchmark suite: six ratios, each of two things measured in the same run.
+"""The benchmark suite: seven ratios, each of two things measured in the same run.
 
 Usage: python bench/suite.py [--device DEVICE] [--hidden 512] [--reps 7] ...
 
@@ -34,6 +34,7 @@ from suite_report import Ratio, markdown  # noqa: E402
 from suite_train import build, forward_breakdown, step_cases  # noqa: E402
 
 from megatron_ext.benchmark import device_description, interleaved, load_average  # noqa: E402
+from megatron_ext.compat.engine import apply_engine_shims  # noqa: E402
 from megatron_ext.compat.optional import default_device  # noqa: E402
 from megatron_ext.elastic.controller import ElasticController, StripeLayout  # noqa: E402
 from megatron_ext.elastic.cost import CostModel, CostSpec  # noqa: E402
@@ -104,6 +105,14 @@ def train_ratios(cfg, elastic, batch, pgs, device, reps) -> tuple[list[Ratio], d
             med["elastic_mid_masked"] / med["elastic_full"],
         ),
         Ratio(
+            "7",
+            "training engine step (megatron DDP, distributed optimizer, schedule) ÷ the same "
+            "step as a plain torch AdamW loop, 1 rank",
+            med["plain"] / med["legacy"],
+            "<=",
+            1.05,
+        ),
+        Ratio(
             "2c",
             f"plain step of the standalone {mid} slice ÷ plain step (all axes narrow: the bound)",
             med["plain_mid_slice"] / med["plain"],
@@ -116,6 +125,7 @@ def train_ratios(cfg, elastic, batch, pgs, device, reps) -> tuple[list[Ratio], d
         "steps": {name: s.as_dict() for name, s in t.items()},
         "cpu_time_ratios": {
             "1": cpu["elastic_full"] / cpu["plain"],
+            "7": cpu["plain"] / cpu["legacy"],
             "2": cpu["elastic_mid_narrow"] / cpu["elastic_full"],
         },
     }
@@ -159,6 +169,25 @@ def memory_ratio(args, dtype: str, teacher_weights: int) -> tuple[list[Ratio], d
     }
 
 
+def optimizer_state_ratio(args) -> tuple[list[Ratio], dict]:
+    """Ratio 7b: optimizer-state bytes per rank at DP=2 (ZeRO-1) ÷ at DP=1, CPU fp32."""
+    out = {}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", str(nproc), str(HERE / "suite_optimizer.py")]
+        cmd += ["--hidden", str(args.hidden), "--batch", str(args.batch), "--seq", str(args.seq)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(
+                f"optimizer-state probe at DP={nproc} failed:\n{done.stderr[-3000:]}"
+            )
+        out[nproc] = json.loads(done.stdout.strip().splitlines()[-1])
+        _log(f"optimizer state at DP={nproc}: {out[nproc]['bytes_per_rank']} bytes per rank")
+    ratio = max(out[2]["bytes_per_rank"]) / out[1]["bytes_per_rank"][0]
+    desc = "optimizer-state bytes per rank, DP=2 ÷ DP=1 (distributed optimizer, largest rank)"
+    return [Ratio("7b", desc, ratio, "<=", 0.55)], {"dp1": out[1], "dp2": out[2]}
+
+
 def param_dtype(name: str) -> torch.dtype:
     """The torch dtype of a ``HybridModelConfig.params_dtype`` name."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -177,6 +206,7 @@ def main() -> None:
         )
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     load = {"start": load_average()}
+    apply_engine_shims()
     pgs = init_distributed(ParallelConfig())
     cfg = bench_model(args.hidden, dtype)
     elastic = bench_elastic(cfg)
@@ -189,6 +219,9 @@ def main() -> None:
     counts = count_parameters(build(cfg, pgs, cpu), cfg, pgs)
     weights = counts.total * torch.finfo(param_dtype(dtype)).bits // 8
     r, details["memory"] = memory_ratio(args, dtype, weights)
+    ratios += r
+    _log("optimizer state per rank at DP=1 and DP=2")
+    r, details["optimizer_state"] = optimizer_state_ratio(args)
     ratios += r
 
     mid = elastic.widths_for(elastic.budgets[1].name, cfg)

@@ -20,6 +20,7 @@ from suite_models import Workload, bench_elastic, bench_model
 from suite_train import Batch, build, elastic_bench, plain_step
 
 from megatron_ext.benchmark import current_memory_bytes, peak_memory_bytes, reset_peak_memory
+from megatron_ext.compat.engine import apply_engine_shims
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, init_distributed
@@ -40,7 +41,7 @@ def memory_probe(
     base = current_memory_bytes(device)
     reset_peak_memory(device)
     if case == "plain":
-        run = plain_step(build(cfg, pgs, device), batch, pgs)
+        run = plain_step(build(cfg, pgs, device), batch, pgs, cfg)
     else:
         teacher = build(cfg, pgs, device).eval() if case == "elastic" else None
         bench = elastic_bench(cfg, elastic, batch, pgs, device, teacher=teacher)
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
     device = torch.device(args.device)
+    apply_engine_shims()
     pgs = init_distributed(ParallelConfig())
     cfg = bench_model(args.hidden, args.dtype)
     batch = Workload(args.batch, args.seq).make(cfg.vocab_size, device)

@@ -1,9 +1,11 @@
 """Training-step benchmarks: plain megatron-core steps vs elastic steps at pinned budgets.
 
-The plain step is the parent's (``megatron_ext.training.loop``'s step body: next-token loss,
-backward, gradient reduction, clipping, AdamW). The elastic step is
-``ElasticTrainer.step`` itself: router forward, gates on every axis, KD loss, cost term,
-router and student updates. Both see the same batch every step.
+The plain step is the parent's: one :class:`~megatron_ext.training.engine.Engine` step with
+the next-token loss (megatron-core's DDP, distributed optimizer, forward-backward schedule,
+clipping). The legacy step is the same step written as a plain torch loop (backward,
+``clip_grad_norm_``, ``torch.optim.AdamW``): what the project's loop did before the engine, at
+one rank. The elastic step is ``ElasticTrainer.step`` itself: router forward, gates on every
+axis, KD loss, cost term, router and student updates on the engine. All see the same batch.
 
 The router's hard choice is pinned to one width combination per budget with a one-row
 :class:`FeasibleSet`, so every timed step runs the budget it is meant to; the router still
@@ -22,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from suite_profile import layer_kind_timer
 
-from megatron_ext.config.schema import TrainConfig
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
@@ -35,9 +36,9 @@ from megatron_ext.elastic.trainer import ElasticTrainer, StagePlan
 from megatron_ext.models.builder import build_model, causal_mask
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, set_seed
-from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.engine import Engine, LMStep
+from megatron_ext.training.engine_config import EngineConfig
 from megatron_ext.training.loop import lm_loss
-from megatron_ext.training.optim import build_optimizer, set_lr
 
 Batch = dict[str, torch.Tensor]
 STAGE_SPAN = 10**6  # steps per pinned-budget stage: stage i covers [i * SPAN, (i + 1) * SPAN)
@@ -76,26 +77,49 @@ def build(cfg: HybridModelConfig, pgs, device: torch.device, seed: int = 0) -> t
     return build_model(cfg, ParallelConfig(), pgs).to(device)
 
 
-def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The AdamW every benchmarked step uses."""
-    return build_optimizer(model, TrainConfig(steps=2, warmup_steps=0, lr=LR, min_lr=0.0))
+def engine_config(cfg: HybridModelConfig, batch: Batch, **overrides) -> EngineConfig:
+    """The engine settings every benchmarked step uses (bf16 when the model is bf16)."""
+    values = dict(
+        micro_batch_size=int(batch["tokens"].shape[0]),
+        precision="bf16" if cfg.params_dtype == "bfloat16" else "fp32",
+        lr=LR,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        grad_clip=1.0,
+    )
+    values.update(overrides)
+    return EngineConfig(**values)
 
 
-def plain_step(model: torch.nn.Module, batch: Batch, pgs) -> Callable[[], None]:
-    """One parent training step (the body of ``megatron_ext.training.loop.train``)."""
-    opt = optimizer(model)
+def plain_step(
+    model: torch.nn.Module, batch: Batch, pgs, cfg: HybridModelConfig
+) -> Callable[[], None]:
+    """One parent training step on the engine (the body of ``megatron_ext.training.loop``)."""
+    engine = Engine([model], engine_config(cfg, batch), pgs)
+    engine.train()
+    step = LMStep()
+
+    def run() -> None:
+        engine.step(step, [batch], LR)
+
+    return run
+
+
+def legacy_step(model: torch.nn.Module, batch: Batch) -> Callable[[], None]:
+    """The same step as a plain torch loop at one rank: loss, backward, clip, AdamW."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
     model.train()
 
-    def step() -> None:
-        set_lr(opt, LR)
+    def run() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model, batch)
-        loss.backward()
-        reduce_gradients(model, pgs)
-        clip_grad_norm(model, 1.0, pgs)
+        lm_loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    return step
+    return run
 
 
 def pinned(elastic: ElasticConfig, cfg: HybridModelConfig, budget: str) -> FeasibleSet:
@@ -167,31 +191,30 @@ def elastic_bench(
         )
         for i, b in enumerate(elastic.budgets)
     ]
-    model_opt = optimizer(student)
-    router_opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    train_cfg = ElasticTrainConfig(warmup_steps=0)
+    settings = engine_config(cfg, batch, prefix="elastic_train")
+    engine = Engine([student], settings, pgs, side=router, side_lr=1e-2)
     feasible = {b.name: pinned(elastic, cfg, b.name) for b in elastic.budgets}
     teachers: dict[str, torch.nn.Module] = {"replay": ReplayTeacher(logits)}
     if teacher is not None:
         teachers["teacher"] = teacher
     trainers = {
         name: ElasticTrainer(
-            student,
+            engine,
             t,
             router,
             ctrl,
             elastic,
             stages,
             costs,
-            ElasticTrainConfig(warmup_steps=0),
+            train_cfg,
             pgs,
-            model_optimizer=model_opt,
-            router_optimizer=router_opt,
             seed=0,
             feasible=feasible,
         )
         for name, t in teachers.items()
     }
-    student.train()
+    engine.train()
     steps = {b.name: 0 for b in elastic.budgets}
     return ElasticBench(student, ctrl, trainers, elastic, cfg, steps)
 
@@ -217,14 +240,16 @@ def step_cases(
     teacher = build(cfg, pgs, device).eval()
     bench = elastic_bench(cfg, elastic, batch, pgs, device, teacher=teacher)
     full, mid = (b.name for b in elastic.budgets[:2])
-    mid_slice = build(sliced_config(cfg, elastic.widths_for(mid, cfg)), pgs, device)
+    mid_widths = elastic.widths_for(mid, cfg)
+    mid_slice = build(sliced_config(cfg, mid_widths), pgs, device)
     cases = {
-        "plain": plain_step(build(cfg, pgs, device), batch, pgs),
+        "plain": plain_step(build(cfg, pgs, device), batch, pgs, cfg),
+        "legacy": legacy_step(build(cfg, pgs, device), batch),
         "elastic_full": bench.step(full, "narrow"),
         "elastic_full_teacher": bench.step(full, "narrow", "teacher"),
         "elastic_mid_narrow": bench.step(mid, "narrow"),
         "elastic_mid_masked": bench.step(mid, "masked"),
-        "plain_mid_slice": plain_step(mid_slice, batch, pgs),
+        "plain_mid_slice": plain_step(mid_slice, batch, pgs, sliced_config(cfg, mid_widths)),
     }
     return TrainSetup(cases, bench, mid_slice)
 

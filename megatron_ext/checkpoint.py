@@ -3,8 +3,12 @@
 - the weights in megatron-core's ``torch_dist`` format from ``model.sharded_state_dict()``
   (``*.distcp``, ``.metadata``, ``common.pt``, ``metadata.json``): they load at any TP/EP/PP
   size (a pipeline stage saves its layers under their global layer numbers);
-- ``rank_state/rank_{global_rank:05d}.pt``: each rank's optimizer state and ``extra`` (step,
-  RNG, data position, ...) with the layout they were written at, to which they are bound;
+- a megatron-core optimizer's state (the distributed optimizer's sharded Adam moments and
+  fp32 main parameters) in the same ``torch_dist`` save under ``optimizer``, in upstream's
+  ``fully_reshardable`` form: it loads at another TP/EP/DP size too;
+- ``rank_state/rank_{global_rank:05d}.pt``: each rank's ``extra`` (step, RNG, data position,
+  ...) and the state of a plain torch optimizer, with the layout they were written at, to
+  which they are bound;
 - ``manifest.json``, written last: every file's size, the step, the layout, ``complete: true``.
 
 Everything goes to a temporary sibling directory that rank 0 renames into place, so a crash
@@ -30,7 +34,8 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
-from torch.optim import Optimizer
+
+from megatron_ext.compat.engine import distributed_optimizer_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,25 @@ RANK_STATE = "rank_state"
 _TMP = ".tmp_"
 _ITER = re.compile(r"^iter_(\d{7})$")
 RESTART_FIELD = "run.restart_from_scratch"
+
+
+OPTIMIZER_KEY = "optimizer"
+"""Top-level key of a megatron-core optimizer's sharded state in the torch_dist save."""
+
+
+def _plain(model: torch.nn.Module) -> Any:
+    """``model`` without megatron-core's DDP / Float16Module wrappers: checkpoint keys stay the
+    model's own."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(model)
+
+
+def is_sharded_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a megatron-core optimizer (state saved through torch_dist)."""
+    from megatron.core.optimizer import MegatronOptimizer
+
+    return isinstance(optimizer, MegatronOptimizer)
 
 
 class CheckpointError(RuntimeError):
@@ -196,7 +220,7 @@ class CheckpointManager:
         return self.root / f"iter_{step:07d}"
 
     def save(
-        self, step: int, model: torch.nn.Module, optimizer: Optimizer | None, extra: dict[str, Any]
+        self, step: int, model: torch.nn.Module, optimizer: Any, extra: dict[str, Any]
     ) -> Path:
         """Write the checkpoint of ``step`` atomically and return its directory."""
         final = self.path_for(step)
@@ -213,10 +237,18 @@ class CheckpointManager:
         problem = _agree(problem)
         if problem is not None:
             raise CheckpointError(f"checkpoint {final}: {problem}")
-        save_sharded(model.sharded_state_dict(), tmp)  # type: ignore[operator]
+        sharded = _plain(model).sharded_state_dict()
+        in_torch_dist = optimizer is not None and is_sharded_optimizer(optimizer)
+        if in_torch_dist:
+            opt_state = optimizer.sharded_state_dict(  # type: ignore[union-attr]
+                sharded, metadata=distributed_optimizer_metadata()
+            )
+            sharded = {**sharded, OPTIMIZER_KEY: opt_state}
+        save_sharded(sharded, tmp)
         state = {
             "layout": mine,
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "optimizer": None if optimizer is None or in_torch_dist else optimizer.state_dict(),
+            "sharded_optimizer": in_torch_dist,
             "extra": extra,
         }
         rank_file = tmp / RANK_STATE / f"rank_{_rank():05d}.pt"
@@ -230,7 +262,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {final}: {problem}")
         if _rank() == 0:
             try:
-                self._publish(step, tmp, final, _sizes(mine))
+                self._publish(step, tmp, final, _sizes(mine), in_torch_dist)
             except OSError as e:
                 problem = f"publishing failed: {e}"
         problem = _agree(problem)
@@ -238,14 +270,22 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {final}: {problem}")
         return final
 
-    def _publish(self, step: int, tmp: Path, final: Path, sizes: dict[str, int]) -> None:
+    def _publish(
+        self, step: int, tmp: Path, final: Path, sizes: dict[str, int], sharded_opt: bool
+    ) -> None:
         """Rank 0: write the manifest, rename into place, update ``latest.txt``, prune."""
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
-        manifest = {"step": step, "layout": sizes, "files": files, "complete": True}
+        manifest = {
+            "step": step,
+            "layout": sizes,
+            "files": files,
+            "sharded_optimizer": sharded_opt,
+            "complete": True,
+        }
         _write_durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: the old one is kept aside, never deleted
@@ -418,32 +458,50 @@ class CheckpointManager:
         self,
         path: str | Path,
         model: torch.nn.Module,
-        optimizer: Optimizer | None = None,
+        optimizer: Any = None,
         *,
         weights_only: bool = False,
     ) -> dict[str, Any]:
         """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``).
 
-        Weights load at any TP/EP layout. With the layout they were saved at (and not
-        ``weights_only``) the optimizer state is restored too and this rank's ``extra`` is
-        returned. Under another layout only the weights load and ``{"resharded": True}`` is
-        returned: per-rank optimizer, RNG and data state cannot follow a layout change.
+        Weights load at any TP/EP/DP layout, and so does a megatron-core optimizer's state
+        (saved through torch_dist); without it, a megatron optimizer's fp32 main parameters are
+        refreshed from the loaded weights. With the layout they were saved at (and not
+        ``weights_only``) a plain optimizer's state is restored too and this rank's ``extra`` is
+        returned. Under another layout ``{"resharded": True}`` is returned: per-rank RNG and
+        data state cannot follow a layout change.
         Raises :class:`CheckpointError` if the checkpoint is partial or corrupt.
         """
         from megatron.core import dist_checkpointing
 
         path = Path(path)
         manifest = self.verify(path)
+        sharded_opt = optimizer is not None and is_sharded_optimizer(optimizer)
+        with_opt = sharded_opt and not weights_only and bool(manifest.get("sharded_optimizer"))
         problem = None
+        opt_state = None
         try:
-            state = dist_checkpointing.load(model.sharded_state_dict(), str(path))  # type: ignore[operator]
-            model.load_state_dict(state)
+            request = _plain(model).sharded_state_dict()
+            if with_opt:
+                opt_request = optimizer.sharded_state_dict(  # type: ignore[union-attr]
+                    request, is_loading=True, metadata=distributed_optimizer_metadata()
+                )
+                request = {**request, OPTIMIZER_KEY: opt_request}
+            state = dist_checkpointing.load(request, str(path))
+            # Its non-tensor part comes back from common.pt whether requested or not.
+            opt_state = state.pop(OPTIMIZER_KEY, None) if with_opt else None
+            state.pop(OPTIMIZER_KEY, None)
+            _plain(model).load_state_dict(state)
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
             last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
             problem = f"the weights do not load into this model: {last[0]}"
         problem = _agree(problem)
         if problem is not None:
             raise CheckpointError(f"checkpoint {path}: {problem}")
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)  # type: ignore[union-attr]
+        elif sharded_opt:
+            optimizer.reload_model_params()  # type: ignore[union-attr]
 
         mine = layout(self.pg_collection)
         if weights_only:
@@ -459,15 +517,18 @@ class CheckpointManager:
             if _rank() == 0:
                 logger.warning(
                     "checkpoint %s was saved at layout %s, this run is %s: loaded the weights "
-                    "only; optimizer, RNG and data-iterator state cannot follow a layout change",
+                    "%s; RNG and data-iterator state cannot follow a layout change",
                     path,
                     manifest.get("layout"),
                     _sizes(mine),
+                    "and the sharded optimizer state" if with_opt else "only",
                 )
             return {"resharded": True}
         assert saved is not None
-        if optimizer is not None:
+        if optimizer is not None and not sharded_opt:
             if saved["optimizer"] is None:
                 raise CheckpointError(f"checkpoint {path}: it was saved without optimizer state")
             optimizer.load_state_dict(saved["optimizer"])
+        elif sharded_opt and not with_opt:
+            raise CheckpointError(f"checkpoint {path}: it was saved without optimizer state")
         return dict(saved["extra"])

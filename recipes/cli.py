@@ -149,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from launch.local import launch_torchrun, under_distributed_launcher
     from megatron_ext.checkpoint import CheckpointError
+    from megatron_ext.compat.engine import apply_engine_shims
     from megatron_ext.config.compose import compose_recipe
     from megatron_ext.config.preflight import check_layout
     from megatron_ext.data.prepare import DataError
     from megatron_ext.models.config import ConfigError
     from megatron_ext.run_lock import HELD_BY_LAUNCHER, RunDirLocked, RunLock, needs_own_lock
+    from megatron_ext.training.engine_config import check_batch_layout
     from recipes.start_checks import check_before_start
 
     config_name, module_name, _ = RECIPES[recipe]
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg))
             return 0
         check_layout(recipe, cfg)  # before torchrun or sbatch: a bad layout starts nothing
+        check_batch_layout(cfg)  # a global batch that does not split over DP, likewise
         if not ranked:  # once, on the launcher: before torchrun/sbatch and any write
             check_before_start(config_name, cfg)
         if "cluster" in cfg and cfg.cluster.kind == "slurm":
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             if nproc > 1 and not ranked:
                 held = {HELD_BY_LAUNCHER: str(lock.path)} if lock is not None else {}
                 return launch_torchrun(nproc, recipe, overrides, held)
+            apply_engine_shims()
             importlib.import_module(module_name).run(cfg)
         finally:
             if lock is not None:

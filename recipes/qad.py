@@ -38,7 +38,9 @@ from megatron_ext.quant.state import save_quant_state
 from megatron_ext.report import format_table, write_summary
 from megatron_ext.runtime import main_print, prepare_run_dir
 from megatron_ext.training.data import build_batches
-from megatron_ext.training.optim import build_optimizer
+from megatron_ext.training.engine import Engine
+from megatron_ext.training.engine_config import EngineConfig
+from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 
 
 def _batches(data: DataConfig, qad: QADConfig, calib: int, pgs, seed: int):
@@ -47,11 +49,13 @@ def _batches(data: DataConfig, qad: QADConfig, calib: int, pgs, seed: int):
         steps=max(1, qad.steps),
         warmup_steps=0,
         micro_batch_size=qad.micro_batch_size,
+        global_batch_size=qad.global_batch_size,
         seq_length=qad.seq_length,
         eval_batches=1,
     )
     train, _, _ = build_batches(data, tc, pgs, seed=seed + 1)
-    calib_it, _, _ = build_batches(data, dataclasses.replace(tc, steps=calib), pgs, seed=seed + 2)
+    calib_tc = dataclasses.replace(tc, steps=calib, global_batch_size=0)
+    calib_it, _, _ = build_batches(data, calib_tc, pgs, seed=seed + 2)
     ev = dataclasses.replace(tc, seq_length=qad.eval_seq_length, eval_batches=qad.eval_batches)
     valid = build_batches(data, ev, pgs, seed=seed)[1]
     return train, [next(calib_it) for _ in range(calib)], valid
@@ -71,7 +75,13 @@ def _teacher(cfg: DictConfig, qad: QADConfig, source: Path, pgs, backend: str, m
 
 
 def run(cfg: DictConfig) -> dict:
-    """Calibrate (PTQ), distill (QAD), evaluate every budget; save, report, plot."""
+    """Calibrate (PTQ), distill (QAD), evaluate every budget; save, report, plot.
+
+    QAD checkpoints every ``qad_train.save_interval`` steps. A restarted run (``run.resume``)
+    redoes the deterministic PTQ from the source, then continues QAD from the newest
+    checkpoint bit-identically. On ``SIGTERM``/``SIGUSR1`` it checkpoints and exits with
+    ``REQUEUE_EXIT_CODE`` (75).
+    """
     elastic = section(cfg, "elastic", ElasticConfig)
     run_cfg = section(cfg, "run", RunConfig)
     data = section(cfg, "data", DataConfig)
@@ -82,7 +92,10 @@ def run(cfg: DictConfig) -> dict:
     source = Path(str(cfg.source.dir))
     if cfg.export:
         check_hf_compatible(load_model_config(source))  # refuse before the long work
+    engine_cfg = EngineConfig.of(qad, "qad_train", weight_decay=0.0)
+    engine_cfg.microbatches(1)  # a global batch that does not split fails before the work
     pgs = init_distributed(ParallelConfig())  # PTQ/QAD of the unsharded (TP=1) elastic model
+    preemption = PreemptionHandler().install()
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
     set_seed(run_cfg.seed)
     student, stripes, model_cfg = load_source(source, pgs, model_backend)
@@ -107,15 +120,46 @@ def run(cfg: DictConfig) -> dict:
         kd = {"ptq": evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)}
         ptq = evaluate_budgets(student, ctrl, budgets, valid, pgs)
         history, final = None, {}
+        ckpts = CheckpointManager(run_dir / "checkpoints", pgs, keep=1)
+        tags = {"kind": "qad", "format": quant.format}
         if qad.steps:
-            opt = build_optimizer(student, TrainConfig(weight_decay=0.0), lr=qad.lr)
-            history = train_qad(student, ctrl, teacher, teacher_ctrl, budgets, train, qad, opt, pgs)
+            engine = Engine([student], engine_cfg, pgs, seq_length=qad.seq_length)
+            model, opt = engine.model, engine.optimizer
+            resume = None
+            latest = ckpts.latest_valid() if run_cfg.resume else None
+            if latest is not None:
+                resume = ckpts.load(latest, model, opt) or None
+                if resume is not None and "step" not in resume:
+                    resume = None
+                main_print(f"resumed QAD from {latest}")
+            try:
+                history = train_qad(
+                    engine,
+                    ctrl,
+                    teacher,
+                    teacher_ctrl,
+                    budgets,
+                    train,
+                    qad,
+                    pgs,
+                    checkpoint=lambda step, extra: ckpts.save(step, model, opt, {**extra, **tags}),
+                    resume_state=resume,
+                    preemption=preemption,
+                )
+            except Preempted as stop:
+                main_print(f"{stop}: saved {ckpts.path_for(stop.step)}; exiting for requeue")
+                destroy_distributed()
+                raise SystemExit(REQUEUE_EXIT_CODE) from None
+            finally:
+                preemption.uninstall()
             final = evaluate_budgets(student, ctrl, budgets, valid, pgs)
             kd["qad"] = evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)
+            path = ckpts.path_for(qad.steps)
+        else:
+            preemption.uninstall()
+            path = ckpts.save(0, student, None, tags)
 
     figures = budget_figures(budgets, ref, ptq, final, kd)
-    ckpts = CheckpointManager(run_dir / "checkpoints", pgs, keep=1)
-    path = ckpts.save(qad.steps, student, None, {"kind": "qad", "format": quant.format})
     stripes.save(run_dir / "checkpoints")
     save_model_config(model_cfg, run_dir)
     save_choices(run_dir, budgets)

@@ -32,8 +32,9 @@ from megatron_ext.report import format_table, write_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
+from megatron_ext.training.engine import Engine
+from megatron_ext.training.engine_config import EngineConfig, microbatches_per_step
 from megatron_ext.training.loop import evaluate
-from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 
 LAYOUT_DIR = "checkpoints"
@@ -64,11 +65,20 @@ def _load(model_cfg, parallel, pgs, source: Path, backend: str) -> torch.nn.Modu
 def _stages(curriculum, data_cfg, train: ElasticTrainConfig, pgs, seed, num_budgets):
     dp = torch.distributed.get_world_size(pgs.dp)
     plans, start = [], 0
-    for i, stage in enumerate(curriculum.resolve(train.micro_batch_size * dp, num_budgets)):
+    default_batch = train.global_batch_size or train.micro_batch_size * dp
+    for i, stage in enumerate(curriculum.resolve(default_batch, num_budgets)):
         mbs = stage.micro_batch_size or train.micro_batch_size
+        batch = stage.global_batch_size or train.global_batch_size or mbs * dp
+        field = (
+            f"curriculum.stages[{stage.name}].global_batch_size"
+            if stage.global_batch_size
+            else "elastic_train.global_batch_size"
+        )
+        micro = microbatches_per_step(batch, mbs, dp, field)
         tc = TrainConfig(
             steps=stage.steps,
             micro_batch_size=mbs,
+            global_batch_size=batch,
             seq_length=stage.seq_length,
             eval_batches=1,
             warmup_steps=0,
@@ -83,6 +93,7 @@ def _stages(curriculum, data_cfg, train: ElasticTrainConfig, pgs, seed, num_budg
                 list(stage.budget_probs),
                 stage.lr,
                 batches,
+                micro,
             )
         )
         start += stage.steps
@@ -103,6 +114,11 @@ def run(cfg: DictConfig) -> dict:
             "router.mode: train-elastic applies one width per axis (homogeneous); per-layer "
             "widths are produced by the router but not applied by the elastic layers yet"
         )
+    if parallel.tp > 1 and not parallel.use_sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel: train-elastic at tp>1 needs it: the router's gradient "
+            "is summed over TP as the sum of the ranks' sequence slices"
+        )
     source = Path(str(cfg.source.dir))
     _ensure_importance(cfg, source)
     set_threads(int(cfg.get("threads", 0)))
@@ -120,9 +136,9 @@ def run(cfg: DictConfig) -> dict:
 
     teacher = _load(model_cfg, parallel, pgs, source, cfg.model_backend).eval()
     teacher.requires_grad_(False)
-    student = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
+    raw_student = _load(model_cfg, parallel, pgs, source, cfg.model_backend)
     ctrl = ElasticController(model_cfg, stripes=stripes, mode=elastic.compute)
-    convert_to_elastic(student, ctrl)
+    convert_to_elastic(raw_student, ctrl)
     router = ElasticRouter(elastic, router_cfg, layer_counts(elastic, model_cfg))
     spec = OmegaConf.to_container(cfg.cost)
     kinds = {b.kind for b in elastic.budgets} | {"params", "active_params"}
@@ -140,19 +156,20 @@ def run(cfg: DictConfig) -> dict:
         eval_batches=train_cfg.eval_batches,
     )
     valid = build_batches(data_cfg, eval_tc, pgs, seed=run_cfg.seed)[1]
-    opt_cfg = TrainConfig(
-        steps=2,
-        warmup_steps=0,
-        lr=stages[0].lr,
-        min_lr=0.0,
-        weight_decay=train_cfg.weight_decay,
-        adam_beta1=train_cfg.adam_beta1,
-        adam_beta2=train_cfg.adam_beta2,
+    engine_cfg = EngineConfig.of(
+        train_cfg, "elastic_train", lr=stages[0].lr, global_batch_size=0
+    )  # the stages' batches are checked above; lr is set per stage
+    engine = Engine(
+        [raw_student],
+        engine_cfg,
+        pgs,
+        side=router,
+        side_lr=router_cfg.lr,
+        seq_length=stages[0].seq_length,
     )
-    model_opt = build_optimizer(student, opt_cfg)
-    router_opt = torch.optim.Adam(router.parameters(), lr=router_cfg.lr)
+    student, model_opt = engine.model, engine.optimizer
     trainer = ElasticTrainer(
-        student,
+        engine,
         teacher,
         router,
         ctrl,
@@ -161,8 +178,6 @@ def run(cfg: DictConfig) -> dict:
         costs,
         train_cfg,
         pgs,
-        model_optimizer=model_opt,
-        router_optimizer=router_opt,
         seed=curriculum.seed,
         feasible=budget_feasible_sets(elastic, costs, router_cfg.budget_tolerance)
         if router_cfg.budget_tolerance > 0

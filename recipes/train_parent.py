@@ -16,9 +16,10 @@ from megatron_ext.report import key_value_table, plot_loss_curves, write_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
+from megatron_ext.training.engine import Engine
+from megatron_ext.training.engine_config import EngineConfig
 from megatron_ext.training.init_from import load_initial_weights
 from megatron_ext.training.loop import train
-from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 
 
@@ -34,6 +35,8 @@ def run(cfg: DictConfig) -> dict:
     data_cfg = section(cfg, "data", DataConfig)
     train_cfg = section(cfg, "train", TrainConfig)
     run_cfg = section(cfg, "run", RunConfig)
+    engine_cfg = EngineConfig.of(train_cfg, "train")
+    engine_cfg.microbatches(parallel.dp)  # a global batch that does not split fails here
     set_threads(train_cfg.threads)
     pgs = init_distributed(parallel)
     # Installed before the slow set-up: a signal during it stops the run after the first step.
@@ -47,8 +50,9 @@ def run(cfg: DictConfig) -> dict:
             f"{meta['vocab_size']} ids"
         )
     set_seed(run_cfg.seed)
-    model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
-    optimizer = build_optimizer(model, train_cfg)
+    raw_model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
+    engine = Engine([raw_model], engine_cfg, pgs, seq_length=train_cfg.seq_length)
+    model, optimizer = engine.model, engine.optimizer
     ckpts = CheckpointManager(run_dir / "checkpoints", pgs)
     resume = None
     latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
@@ -60,6 +64,7 @@ def run(cfg: DictConfig) -> dict:
     init_checkpoint = None
     if latest is None and train_cfg.init_from:  # never over a checkpoint of this run
         init_checkpoint = load_initial_weights(model, train_cfg.init_from, model_cfg, pgs)
+        engine.reload_model_params()
         main_print(f"fine-tuning from {init_checkpoint}")
 
     tracker = Tracker(
@@ -67,8 +72,7 @@ def run(cfg: DictConfig) -> dict:
     )
     try:
         result = train(
-            model,
-            optimizer,
+            engine,
             batches,
             valid,
             train_cfg,
@@ -89,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
     finally:
         preemption.uninstall()
     tracker.finish()
-    counts = count_parameters(model, model_cfg, pgs)
+    counts = count_parameters(raw_model, model_cfg, pgs)
     summary = {
         "model": model_cfg.name,
         "steps": result.steps,

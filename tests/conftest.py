@@ -7,9 +7,11 @@ import os
 import pytest
 
 from megatron_ext.compat import ensure_compat
+from megatron_ext.compat.engine import apply_engine_shims
 
 # Tests import megatron-core model modules directly, so the shims go in before collection.
 ensure_compat()
+apply_engine_shims()
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -13,6 +13,7 @@ from dataclasses import field as default_factory_field
 
 from megatron_ext.data.arithmetic import ArithmeticConfig
 from megatron_ext.models.config import require
+from megatron_ext.training.engine_config import check_engine_fields
 
 DATA_SOURCES = ("files", "arithmetic")
 
@@ -82,6 +83,14 @@ class TrainConfig:
 
     steps: int = 600
     micro_batch_size: int = 8
+    # Samples per optimizer step over all data-parallel ranks; micro-batches are accumulated
+    # in between. 0 = micro_batch_size x DP (no accumulation).
+    global_batch_size: int = 0
+    # fp32, or bf16 with fp32 main parameters, gradients and optimizer state.
+    precision: str = "fp32"
+    recompute: str = "none"  # none | selective (core attention) | full (every layer)
+    distributed_optimizer: bool = True  # ZeRO-1: optimizer state sharded over DP
+    overlap_grad_reduce: bool = False  # bucketed gradient reduction during the backward
     seq_length: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -117,6 +126,7 @@ class TrainConfig:
         )
         require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)")
+        check_engine_fields(self, "train")
         require(
             0 <= self.stop_at <= self.steps,
             "train.stop_at",

@@ -34,7 +34,8 @@ class Stage:
     """One curriculum stage. Give its length as ``steps`` or as ``tokens`` (exactly one > 0).
 
     ``budget_probs``: one probability per budget in the elastic config's order (largest
-    first); empty means uniform. ``micro_batch_size`` 0 inherits the training config's.
+    first); empty means uniform. ``micro_batch_size`` and ``global_batch_size`` 0 inherit the
+    training config's (the paper: 1536 sequences at 8K, 512 at 49K).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Stage:
     tokens: int = 0
     budget_probs: list[float] = field(default_factory=list)
     micro_batch_size: int = 0
+    global_batch_size: int = 0
 
     def __post_init__(self) -> None:
         require(
@@ -52,7 +54,7 @@ class Stage:
             f"must be a non-empty string, got {self.name!r}",
         )
         where = f"curriculum.stages[{self.name}]"
-        for name in ("seq_length", "steps", "tokens", "micro_batch_size"):
+        for name in ("seq_length", "steps", "tokens", "micro_batch_size", "global_batch_size"):
             value = getattr(self, name)
             low = 1 if name == "seq_length" else 0
             require(_is_int(value) and value >= low, f"{where}.{name}", f"must be an int >= {low}")
@@ -88,6 +90,7 @@ class ResolvedStage:
     budget_probs: list[float]
     lr: float
     micro_batch_size: int
+    global_batch_size: int = 0
 
 
 @dataclass
@@ -122,10 +125,19 @@ class CurriculumConfig:
                 f"has {len(probs)} entries but there are {num_budgets} budgets (one per "
                 "budget, in elastic.budgets order, largest first)",
             )
-            steps = s.steps or math.ceil(s.tokens / (global_batch * s.seq_length))
+            batch = s.global_batch_size or global_batch
+            steps = s.steps or math.ceil(s.tokens / (batch * s.seq_length))
             resolved.append(
                 ResolvedStage(
-                    i, s.name, s.seq_length, steps, start, probs, s.lr, s.micro_batch_size
+                    i,
+                    s.name,
+                    s.seq_length,
+                    steps,
+                    start,
+                    probs,
+                    s.lr,
+                    s.micro_batch_size,
+                    s.global_batch_size,
                 )
             )
             start += steps

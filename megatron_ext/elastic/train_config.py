@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_ext.models.config import require
+from megatron_ext.training.engine_config import check_engine_fields
 
 
 @dataclass
@@ -16,6 +17,13 @@ class ElasticTrainConfig:
     """
 
     micro_batch_size: int = 8
+    # Sequences per step over all DP ranks (0 = micro_batch_size x DP); a curriculum stage's
+    # own global_batch_size overrides it. Micro-batches in between accumulate gradients.
+    global_batch_size: int = 0
+    precision: str = "fp32"  # or bf16 (fp32 main parameters, gradients, optimizer state)
+    recompute: str = "none"  # or selective (core attention)
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
     kd_temperature: float = 1.0
     cost_weight: float = 1.0
     # "abs": |cost - target| / target (the paper's); "squared": its square, which keeps a
@@ -63,3 +71,10 @@ class ElasticTrainConfig:
             require(getattr(self, field) >= 0, f"elastic_train.{field}", "must be >= 0")
         require(self.kd_chunk_size >= 0, "elastic_train.kd_chunk_size", "must be >= 0 (0 = whole)")
         require(self.stop_at >= 0, "elastic_train.stop_at", "must be >= 0 (0 = no early stop)")
+        check_engine_fields(self, "elastic_train")
+        require(
+            self.recompute != "full",
+            "elastic_train.recompute",
+            "full recompute would run the router's gates through a nested backward; use "
+            "none or selective",
+        )

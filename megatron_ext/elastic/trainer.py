@@ -1,14 +1,12 @@
-"""One elastic training step and the loop around it (Star Elastic / Nemotron Elastic).
+"""The elastic training loop (Star Elastic / Nemotron Elastic) on the training engine.
 
 Per step: the curriculum stage and the budget are pure functions of (seed, stage, step), so
-every rank agrees without communication (invariant 6). The router maps the budget to a hard
-straight-through choice per axis; the controller applies the widths and the gates; the loss is
-the vocab-parallel forward KL from the frozen parent plus the weighted relative cost error.
-
-Router gradients: the router is replicated on every rank. The task-loss part of its gradient
-is partial on each rank (TP shards, sequence-parallel slices, EP-local experts, each DP
-replica's own tokens), so it is summed over the world and divided by the DP size, like a
-replicated parameter's. The cost part is identical on every rank and is added once after.
+every rank agrees without communication (invariant 6). :class:`~megatron_ext.elastic.step.
+ElasticStep` runs the router, the gates, the frozen parent and the student on every
+micro-batch; the loss is the vocab-parallel forward KL from the parent plus the weighted
+relative cost error. :class:`~megatron_ext.training.engine.Engine` reduces the gradients of
+the student and of the replicated router (megatron-core's DDP and ``finalize_model_grads``),
+clips the student's and steps both optimizers.
 """
 
 from __future__ import annotations
@@ -20,20 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_ext.distill import kd_loss
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
-from megatron_ext.elastic.curriculum import sample_budget, step_generator
+from megatron_ext.elastic.curriculum import sample_budget
 from megatron_ext.elastic.feasible import FeasibleSet
 from megatron_ext.elastic.router import ElasticRouter
+from megatron_ext.elastic.step import ElasticStep
 from megatron_ext.elastic.train_config import ElasticTrainConfig
-from megatron_ext.models.builder import causal_mask
-from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.engine import Engine
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
-from megatron_ext.training.optim import set_lr
 from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
 
@@ -51,6 +46,7 @@ class StagePlan:
     probs: list[float]
     lr: float
     batches: Any  # a resumable iterator (state_dict / load_state_dict)
+    microbatches: int = 1  # per step and data-parallel rank (gradient accumulation)
 
 
 @dataclass
@@ -63,10 +59,6 @@ class ElasticHistory:
     train_seconds: float = 0.0
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def _dp(pg_collection) -> int:
     return dist.get_world_size(pg_collection.dp) if dist.is_initialized() else 1
 
@@ -76,7 +68,7 @@ class ElasticTrainer:
 
     def __init__(
         self,
-        student: torch.nn.Module,
+        engine: Engine,
         teacher: torch.nn.Module,
         router: ElasticRouter,
         controller: ElasticController,
@@ -86,23 +78,28 @@ class ElasticTrainer:
         cfg: ElasticTrainConfig,
         pg_collection,
         *,
-        model_optimizer: torch.optim.Optimizer,
-        router_optimizer: torch.optim.Optimizer,
         seed: int,
         feasible: dict[str, FeasibleSet] | None = None,
     ) -> None:
-        """``seed`` drives budget sampling and router noise (the curriculum's seed).
+        """``engine`` holds the converted student and, as its side module, ``router``.
+
+        ``seed`` drives budget sampling and router noise (the curriculum's seed).
 
         ``feasible`` (budget name → :class:`FeasibleSet`) restricts the router's hard choices
         to configurations within ``router.budget_tolerance`` of each target.
         """
         if teacher.training or any(p.requires_grad for p in teacher.parameters()):
             raise ValueError("the KD teacher must be frozen: eval mode and requires_grad=False")
-        self.student, self.teacher, self.router = student, teacher, router
+        if engine.side is None or engine.side.module is not router:
+            raise ValueError("the engine must hold the router as its side module")
+        self.engine, self.teacher, self.router = engine, teacher, router
+        self.student = engine.model
         self.ctrl, self.elastic, self.stages = controller, elastic, stages
         self.cost_models, self.cfg, self.pgs = cost_models, cfg, pg_collection
-        self.model_opt, self.router_opt = model_optimizer, router_optimizer
+        self.router_opt: Any = engine.side_optimizer
+        self.tp_size = dist.get_world_size(pg_collection.tp) if dist.is_initialized() else 1
         self.seed = seed
+        self.step_fn = ElasticStep(self)
         self.feasible = dict(feasible or {})
         self.history = ElasticHistory()
 
@@ -142,92 +139,29 @@ class ElasticTrainer:
 
     def step(self, step: int) -> dict[str, Any]:
         """One optimizer step of student and router; returns the step's metrics."""
-        stage_index = self.stage_of(step)
-        stage = self.stages[stage_index]
-        budget_index = self.budget_of(step)
-        budget = self.elastic.budgets[budget_index]
-        batch = next(stage.batches)
-        noise = step_generator(self.seed, stage_index, step)  # the same on every rank
-        out = self.router(
-            budget.name, step, generator=noise, feasible=self.feasible.get(budget.name)
-        )
-        self.ctrl.set_widths(out.widths())
-        self.ctrl.set_gates({a: (out[a].onehot, self.router.choices[a]) for a in out.axes})
+        stage = self.stages[self.stage_of(step)]
+        budget = self.elastic.budgets[self.budget_of(step)]
+        micro = [next(stage.batches) for _ in range(stage.microbatches)]
         warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
-        set_lr(self.model_opt, stage.lr * warm)
-        self.model_opt.zero_grad(set_to_none=True)
-        self.router_opt.zero_grad(set_to_none=True)
-
-        tokens, pos = batch["tokens"], batch["position_ids"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
-        with torch.no_grad():
-            teacher_logits = self.teacher(tokens, pos, mask)
-        student_logits = self.student(tokens, pos, mask)
-        kd = kd_loss(
-            student_logits,
-            teacher_logits,
-            temperature=self.cfg.kd_temperature,
-            tp_group=self.pgs.tp,
-            loss_mask=batch["loss_mask"],
-        )
-        loss = kd
-        if self.cfg.ce_weight > 0:  # the trainable-teacher variant's next-token term
-            per_token = vocab_parallel_cross_entropy(student_logits.float(), batch["labels"])
-            m = batch["loss_mask"]
-            loss = loss + self.cfg.ce_weight * (per_token * m).sum() / m.sum().clamp(min=1)
-        cost, target, rel = self.cost_terms(budget_index, out.expected_widths())
-        router_params = [p for p in self.router.parameters() if p.requires_grad]
-        penalty = rel.square() if self.cfg.cost_loss == "squared" else rel
-        cost_grads = torch.autograd.grad(  # keeps only the router's tiny graph for the KD pass
-            self.cfg.cost_weight * penalty, router_params, retain_graph=True, allow_unused=True
-        )
-        loss.backward()
+        self.step_fn.begin(step)
+        result = self.engine.step(self.step_fn, micro, stage.lr * warm)
         self.ctrl.set_gates(None)
-        reduce_gradients(self.student, self.pgs)
-        self._reduce_router_grads()
-        for p, g in zip(router_params, cost_grads):
-            if g is not None:
-                p.grad.add_(g.to(p.grad.dtype))  # type: ignore[union-attr]
-        grad_norm = clip_grad_norm(self.student, self.cfg.grad_clip, self.pgs)
-        self.model_opt.step()
-        self.router_opt.step()
-        kd_value = float(kd.detach())
-        if dist.is_initialized() and _dp(self.pgs) > 1:
-            t = torch.tensor([kd_value], dtype=torch.float64)
-            dist.all_reduce(t, group=self.pgs.dp)
-            kd_value = float(t) / _dp(self.pgs)
-        self.history.tokens += int(tokens.numel()) * _dp(self.pgs)
+        assert self.step_fn.last_cost is not None
+        out, (cost, target, rel) = self.step_fn.last, self.step_fn.last_cost
+        self.history.tokens += sum(int(b["tokens"].numel()) for b in micro) * _dp(self.pgs)
         return {
             "step": step + 1,
             "stage": stage.name,
             "budget": budget.name,
-            "kd": kd_value,
+            "kd": result.metrics["kd"],
             "cost_error": float(rel.detach()),
             "cost": float(cost.detach()),
             "target": target,
             "tau": self.router.tau(step),
             "lr": stage.lr * warm,
-            "grad_norm": grad_norm,
+            "grad_norm": result.grad_norm,
             "widths": out.widths(),
         }
-
-    def _reduce_router_grads(self) -> None:
-        params = [p for p in self.router.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if _world() == 1:
-            for p in params:
-                p.grad.mul_(self.cfg.router_task_weight)  # type: ignore[union-attr]
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-        dist.all_reduce(flat)
-        flat *= self.cfg.router_task_weight / _dp(self.pgs)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
-            offset += n
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -273,7 +207,7 @@ class ElasticTrainer:
             total=end, initial=start, desc="elastic", disable=not (progress and main)
         )
         interval = IntervalMetrics()
-        self.student.train()
+        self.engine.train()
         for step in range(start, end):
             t0 = time.perf_counter()
             tokens = self.history.tokens
@@ -296,7 +230,7 @@ class ElasticTrainer:
             if done % self.cfg.eval_interval == 0 or done == end:
                 val = evaluate(done)
                 self.history.val.append({"step": done, **val})
-                self.student.train()
+                self.engine.train()
             if log is not None and (done % self.cfg.log_interval == 0 or val):
                 log(done, {**interval.flush(), **val})  # means over the interval
             saved = done % self.cfg.save_interval == 0 or done == end

@@ -1,7 +1,7 @@
 """A plain-PyTorch norm for the local spec that also works under sequence parallelism.
 
 megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel=True``; TE and Apex norms
-instead mark their parameters ``sequence_parallel`` so the training loop all-reduces their
+instead mark their parameters ``sequence_parallel`` so ``finalize_model_grads`` sums their
 gradients over the TP group (each TP rank sees only its slice of the sequence). This class
 does the same for ``torch.nn.RMSNorm`` / ``torch.nn.LayerNorm``. MoE layers with TP > 1
 require sequence parallelism in megatron-core, so CPU runs at TP = 2 need it.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from megatron_ext.models.config import require
 from megatron_ext.quant.formats import FORMATS
+from megatron_ext.training.engine_config import check_engine_fields
 
 BACKENDS: tuple[str, ...] = ("auto", "fake", "scaled_mm", "te")
 """How quantized GEMMs run; see :func:`megatron_ext.quant.backends.resolve_backend`."""
@@ -97,6 +98,13 @@ class QADConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
     micro_batch_size: int = 8
+    # Sequences per step (0 = micro_batch_size, no accumulation); see the train config.
+    global_batch_size: int = 0
+    precision: str = "fp32"
+    recompute: str = "none"
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    save_interval: int = 50  # checkpoint every this many QAD steps (and at the end)
     seq_length: int = 128
     budget_probs: list[float] = field(default_factory=list)
     kd_temperature: float = 1.0
@@ -117,6 +125,8 @@ class QADConfig:
         require(0 <= self.min_lr_ratio <= 1, "qad_train.min_lr_ratio", "must be in [0, 1]")
         require(self.kd_temperature > 0, "qad_train.kd_temperature", "must be > 0")
         require(self.grad_clip >= 0, "qad_train.grad_clip", "must be >= 0 (0 disables it)")
+        require(self.save_interval >= 1, "qad_train.save_interval", "must be >= 1")
+        check_engine_fields(self, "qad_train")
         require(
             self.teacher in TEACHERS,
             "qad_train.teacher",

@@ -11,13 +11,16 @@ vocab-parallel forward KL (:func:`megatron_ext.distill.kd_loss`) from a frozen t
 * ``teacher=parent``: the non-elastic parent, as in elastic training.
 
 Gradients reach the weights straight through the fake quantizers; the per-tensor input
-scales stay those of calibration, the weight scales follow the weights.
+scales stay those of calibration, the weight scales follow the weights. The steps run on
+:class:`~megatron_ext.training.engine.Engine` (megatron-core's DDP, distributed optimizer and
+schedules), with checkpoints, a bit-identical resume and preemption like the other loops.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +36,10 @@ from megatron_ext.elastic.curriculum import sample_budget
 from megatron_ext.models.builder import causal_mask
 from megatron_ext.models.config import require
 from megatron_ext.quant.config import QADConfig
-from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
-from megatron_ext.training.optim import set_lr
+from megatron_ext.runtime import is_main
+from megatron_ext.training.engine import Engine
+from megatron_ext.training.preemption import Preempted, PreemptionHandler
+from megatron_ext.training.state import capture_rng, restore_rng
 
 Budgets = Mapping[str, Mapping[str, int]]
 
@@ -143,60 +148,113 @@ def evaluate_kd(
     return out
 
 
+def qad_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict, cfg: QADConfig, pgs
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The QAD objective of one micro-batch: the KD loss from the teacher; metric ``kd``."""
+    kd = kd_loss(
+        student_logits,
+        teacher_logits,
+        temperature=cfg.kd_temperature,
+        tp_group=pgs.tp,
+        loss_mask=batch["loss_mask"],
+    )
+    return kd, {"kd": kd.detach().clone()}
+
+
+class QADStep:
+    """:class:`~megatron_ext.training.engine.TrainStep` of QAD: teacher, then student, KD."""
+
+    def __init__(self, teacher: nn.Module, cfg: QADConfig, pgs) -> None:
+        self.teacher, self.cfg, self.pgs = teacher, cfg, pgs
+
+    def forward(self, model: nn.Module, batch: dict):
+        """The frozen teacher's logits (no grad) and the student's, on ``batch``."""
+        tokens, pos = batch["tokens"], batch["position_ids"]
+        mask = causal_mask(tokens.shape[1], tokens.device)
+        with torch.no_grad():
+            target = self.teacher(tokens, pos, mask)
+        loss = functools.partial(qad_loss, teacher_logits=target, batch=batch, cfg=self.cfg)
+        return model(tokens, pos, mask), lambda logits: loss(logits, pgs=self.pgs)
+
+
 def train_qad(
-    student: nn.Module,
+    engine: Engine,
     student_ctrl: ElasticController,
     teacher: nn.Module,
     teacher_ctrl: ElasticController | None,
     budgets: Budgets,
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: QADConfig,
-    optimizer: torch.optim.Optimizer,
     pgs,
     *,
     progress: bool = True,
+    checkpoint: Callable[[int, dict[str, Any]], object] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    preemption: PreemptionHandler | None = None,
 ) -> QADHistory:
-    """Run ``cfg.steps`` QAD steps; ``teacher_ctrl`` is ``None`` for a non-elastic teacher."""
+    """Run QAD up to ``cfg.steps``; ``teacher_ctrl`` is ``None`` for a non-elastic teacher.
+
+    ``checkpoint(step, extra)`` is called every ``cfg.save_interval`` steps and at the end
+    with what a bit-identical resume needs (step, RNG, data position, history);
+    ``resume_state`` is such an ``extra``. With ``preemption``, a signal on any rank saves a
+    checkpoint and raises :class:`Preempted` (unless it came after the last step).
+    """
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("the QAD teacher must be frozen: eval mode and requires_grad=False")
     names = list(budgets)
     probs = cfg.budget_probs or [1.0 / len(names)] * len(names)
     require(len(probs) == len(names), "qad_train.budget_probs", f"needs {len(names)} entries")
     history = QADHistory()
-    student.train()
+    start = 0
+    if resume_state:
+        start = int(resume_state["step"])
+        restore_rng(resume_state["rng"])
+        batches.load_state_dict(resume_state["data"])  # type: ignore[attr-defined]
+        history = resume_state["history"]
+
+    def extra(step: int) -> dict[str, Any]:
+        data = batches.state_dict()  # type: ignore[attr-defined]
+        return {"step": step, "rng": capture_rng(), "data": data, "history": history}
+
+    step_fn = QADStep(teacher, cfg, pgs)
+    engine.train()
     student_ctrl.set_gates(None)
-    bar = tqdm(range(cfg.steps), desc="qad", disable=not progress)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="qad",
+        disable=not (progress and is_main()),
+    )
     for step in bar:
         t0 = time.perf_counter()
         name = names[sample_budget(probs, cfg.seed, 0, step)]
         student_ctrl.set_widths(dict(budgets[name]))
         if teacher_ctrl is not None:
             teacher_ctrl.set_widths(dict(budgets[name]))
-        batch = next(batches)
-        tokens, pos = batch["tokens"], batch["position_ids"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
-        set_lr(optimizer, cfg.lr_at(step))
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            target = teacher(tokens, pos, mask)
-        loss = kd_loss(
-            student(tokens, pos, mask),
-            target,
-            temperature=cfg.kd_temperature,
-            tp_group=pgs.tp,
-            loss_mask=batch["loss_mask"],
-        )
-        loss.backward()
-        reduce_gradients(student, pgs)
-        grad_norm = clip_grad_norm(student, cfg.grad_clip, pgs)
-        optimizer.step()
+        micro = [next(batches) for _ in range(engine.num_microbatches)]
+        result = engine.step(step_fn, micro, cfg.lr_at(step))
         history.seconds += time.perf_counter() - t0
-        history.tokens += int(tokens.numel())
-        kd = float(loss.detach())
-        history.steps.append({"step": step + 1, "budget": name, "kd": kd, "grad_norm": grad_norm})
+        history.tokens += sum(int(b["tokens"].numel()) for b in micro) * engine.dp
+        kd = result.metrics["kd"]
+        history.steps.append(
+            {"step": step + 1, "budget": name, "kd": kd, "grad_norm": result.grad_norm}
+        )
         bar.set_postfix(budget=name, kd=f"{kd:.4f}")
+        done = step + 1
+        saved = done % cfg.save_interval == 0 or done == cfg.steps
+        if checkpoint is not None and saved:
+            checkpoint(done, extra(done))
+        if preemption is not None and preemption.requested() and done < cfg.steps:
+            if checkpoint is not None and not saved:
+                checkpoint(done, extra(done))
+            bar.close()
+            raise Preempted(done, preemption.signum)
+    bar.close()
     student_ctrl.set_full()
     if teacher_ctrl is not None:
         teacher_ctrl.set_full()
-    student.eval()
+    for chunk in engine.chunks:
+        chunk.eval()
     return history

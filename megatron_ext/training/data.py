@@ -17,8 +17,8 @@ def build_batches(
 ) -> tuple[BatchIterator, list[dict], dict]:
     """The resumable training iterator, the fixed held-out batches, and the dataset metadata.
 
-    Each data-parallel rank gets its own part of every global batch; TP/EP ranks of one
-    DP replica read the same samples.
+    Each data-parallel rank gets its own part of every global batch (its micro-batches, one
+    per ``next``); TP/EP ranks of one DP replica read the same samples.
     """
     meta = ensure_prepared(data, seed=seed)
     for split in ("train", "valid"):
@@ -31,7 +31,7 @@ def build_batches(
     tokenizer = tokenizer_for(data)
     dp_rank = dist.get_rank(pg_collection.dp) if dist.is_initialized() else 0
     dp_size = dist.get_world_size(pg_collection.dp) if dist.is_initialized() else 1
-    global_batch = train.micro_batch_size * dp_size
+    global_batch = train.global_batch_size or train.micro_batch_size * dp_size
     cache = Path(meta["train_prefix"]).parent / "index_cache"
     train_ds = build_gpt_dataset(
         meta["train_prefix"],
@@ -45,7 +45,7 @@ def build_batches(
     valid_ds = build_gpt_dataset(
         meta["valid_prefix"],
         train.seq_length,
-        train.eval_batches * global_batch,
+        train.eval_batches * train.micro_batch_size * dp_size,
         tokenizer,
         seed,
         "valid",

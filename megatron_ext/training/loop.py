@@ -1,4 +1,5 @@
-"""The training loop of the parent (and, with a different step function, the elastic model)."""
+"""The training loop of the parent: :class:`~megatron_ext.training.engine.Engine` steps with
+the next-token loss, evaluation, checkpoints and preemption."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch.distributed as dist
 
 from megatron_ext.config.schema import TrainConfig
 from megatron_ext.models.builder import causal_mask
-from megatron_ext.training.grads import clip_grad_norm, reduce_gradients
+from megatron_ext.training.engine import Engine, LMStep, TrainStep
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
-from megatron_ext.training.optim import lr_at, set_lr
+from megatron_ext.training.optim import lr_at
 from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
 
@@ -75,8 +76,7 @@ class TrainResult:
 
 
 def train(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine: Engine,
     batches: Iterator[Batch],
     valid_batches: list[Batch],
     cfg: TrainConfig,
@@ -84,12 +84,15 @@ def train(
     *,
     checkpoint: Callable[[int, dict[str, Any]], object] | None = None,
     resume_state: dict[str, Any] | None = None,
-    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
+    step_fn: TrainStep | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     preemption: PreemptionHandler | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to ``cfg.steps`` (or ``cfg.stop_at``), evaluating and checkpointing.
+
+    Each step takes ``engine.num_microbatches`` micro-batches from ``batches`` (this rank's
+    part of the global batch) and runs ``step_fn`` (default: the next-token loss) on them.
 
     ``batches`` must support ``state_dict()``/``load_state_dict()``; ``checkpoint(step, extra)``
     is called every ``cfg.save_interval`` steps and at the end with everything a bit-identical
@@ -117,31 +120,28 @@ def train(
             "history": history,
         }
 
-    model.train()
+    step_fn = step_fn or LMStep()
+    engine.train()
     for step in range(start, end):
         t0 = time.perf_counter()
-        batch = next(batches)
-        set_lr(optimizer, lr_at(step, cfg))
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        reduce_gradients(model, pg_collection)
-        grad_norm = clip_grad_norm(model, cfg.grad_clip, pg_collection)
-        optimizer.step()
+        micro = [next(batches) for _ in range(engine.num_microbatches)]
+        result = engine.step(step_fn, micro, lr_at(step, cfg))
+        grad_norm = result.grad_norm
         history.train_seconds += time.perf_counter() - t0
-        history.tokens += int(batch["tokens"].numel()) * _dp_size(pg_collection)
-        loss_value = _dp_mean(float(loss.detach()), pg_collection)
+        tokens = sum(int(b["tokens"].numel()) for b in micro)
+        history.tokens += tokens * _dp_size(pg_collection)
+        loss_value = result.metrics["loss"]
         history.train.append((step + 1, loss_value))
         bar.update(1)
         metrics = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": grad_norm}
         interval.add(
             metrics,
-            tokens=int(batch["tokens"].numel()) * _dp_size(pg_collection),
+            tokens=tokens * _dp_size(pg_collection),
             seconds=time.perf_counter() - t0,
         )
         val_metrics: dict[str, float] = {}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == end:
-            val = evaluate(model, valid_batches, pg_collection)
+            val = engine.evaluate(step_fn, valid_batches)["loss"]
             history.val.append((step + 1, val))
             val_metrics["val_loss"] = val
         bar.set_postfix(
@@ -161,7 +161,9 @@ def train(
             raise Preempted(step + 1, preemption.signum)
     bar.close()
     final_train = history.train[-1][1] if history.train else float("nan")
-    val_loss = history.val[-1][1] if history.val else evaluate(model, valid_batches, pg_collection)
+    val_loss = (
+        history.val[-1][1] if history.val else engine.evaluate(step_fn, valid_batches)["loss"]
+    )
     tps = history.tokens / history.train_seconds if history.train_seconds else 0.0
     return TrainResult(history, end, final_train, val_loss, tps)
 

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint import CheckpointManager, save_sharded
+from megatron_ext.compat.engine import apply_engine_shims
 from megatron_ext.models.builder import build_model, causal_mask
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
-from megatron_ext.training.grads import reduce_gradients
 from megatron_ext.training.state import capture_rng, restore_rng
 
 NPROC = 2
@@ -66,15 +66,31 @@ def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return per_token.float().mean()
 
 
+_DDP: dict[int, torch.nn.Module] = {}
+
+
 def forward_backward(model, batch, pgs) -> float:
-    """Loss and data-parallel-reduced grads (of the mean loss over the global batch)."""
-    model.zero_grad(set_to_none=True)
-    loss = loss_of(model, batch)
+    """Loss and data-parallel-reduced grads (of the mean loss over the global batch), reduced
+    by megatron-core's DDP and ``finalize_model_grads`` and put in ``param.grad``."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp = _DDP.get(id(model))
+    if ddp is None or ddp.module is not model:  # wrapped once: DDP hooks the parameters
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        ddp = _DDP[id(model)] = DistributedDataParallel(
+            model.config, ddp_config, model, pg_collection=pgs
+        )
+    model.zero_grad(set_to_none=True)  # param.grad was the reduced buffer (below)
+    ddp.zero_grad_buffer()
+    loss = loss_of(ddp, batch)
     loss.backward()
-    for p in model.parameters():  # reduce_gradients needs the same grad list on every rank
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    reduce_gradients(model, pgs)
+    finalize_model_grads([ddp], pg_collection=pgs)
+    for p in model.parameters():
+        p.grad = p.main_grad
     return float(loss.detach())
 
 
@@ -331,6 +347,7 @@ CASES = {
 
 
 def main(out: Path) -> None:
+    apply_engine_shims()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     layout()  # the default process group, kept for every layout below

@@ -1,0 +1,134 @@
+"""The elastic training step as the engine runs it: router, gates, teacher, student, loss.
+
+:class:`ElasticStep` is a :class:`~megatron_ext.training.engine.TrainStep`. For every
+micro-batch it runs the router (its Gumbel noise comes from a generator seeded by (seed,
+stage, step) only, so every rank, micro-batch and pipeline stage picks the same widths), sets
+the controller's widths and straight-through gates, runs the frozen teacher and the student,
+and returns :func:`elastic_loss`.
+
+Router gradient (the router is replicated; see :class:`~megatron_ext.training.engine.Engine`):
+the engine sums it over TP and averages it over DP, like a sequence-parallel norm. The KD
+part is partial on every TP rank (its sequence slice, its heads, channels and experts), so the
+sum is its whole. The cost term is the same on every rank: it enters the loss divided by the
+TP size, so that the TP sum counts it once (exactly, for a power-of-two TP). The KD share of
+the router gradient is scaled by ``router_task_weight`` at the gates.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megatron_ext.distill import kd_loss
+from megatron_ext.elastic.curriculum import step_generator
+from megatron_ext.models.builder import causal_mask
+
+Batch = dict[str, torch.Tensor]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient times ``scale`` (1.0: ``x`` itself)."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+def elastic_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    batch: Batch,
+    cost_penalty: torch.Tensor,
+    *,
+    cfg: Any,
+    tp_group: Any,
+    tp_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KD (vocab-parallel forward KL) + ``ce_weight`` x CE + the cost penalty (over TP size).
+
+    Returns the micro-batch loss and its metrics ``kd``.
+    """
+    kd = kd_loss(
+        student_logits,
+        teacher_logits,
+        temperature=cfg.kd_temperature,
+        tp_group=tp_group,
+        loss_mask=batch["loss_mask"],
+    )
+    loss = kd
+    if cfg.ce_weight > 0:  # the trainable-teacher variant's next-token term
+        per_token = vocab_parallel_cross_entropy(student_logits.float(), batch["labels"])
+        m = batch["loss_mask"]
+        loss = loss + cfg.ce_weight * (per_token * m).sum() / m.sum().clamp(min=1)
+    loss = loss + cfg.cost_weight * cost_penalty / tp_size
+    return loss, {"kd": kd.detach().clone()}
+
+
+class ElasticStep:
+    """The elastic :class:`~megatron_ext.training.engine.TrainStep` of one optimizer step."""
+
+    def __init__(self, trainer: Any) -> None:
+        """``trainer``: the :class:`~megatron_ext.elastic.trainer.ElasticTrainer` it serves."""
+        self.t = trainer
+        self.step = 0
+        self.stage_index = 0
+        self.budget_index = 0
+        self.last: Any = None  # the router output of the last micro-batch
+        self.last_cost: tuple[torch.Tensor, float, torch.Tensor] | None = None
+
+    def begin(self, step: int) -> None:
+        """Make the next micro-batches those of optimizer step ``step``."""
+        self.step = step
+        self.stage_index = self.t.stage_of(step)
+        self.budget_index = self.t.budget_of(step)
+
+    def route(self) -> Any:
+        """The router's output for this step (the same on every call within a step)."""
+        t = self.t
+        budget = t.elastic.budgets[self.budget_index]
+        noise = step_generator(t.seed, self.stage_index, self.step)
+        out = t.router(
+            budget.name, self.step, generator=noise, feasible=t.feasible.get(budget.name)
+        )
+        weight = t.cfg.router_task_weight
+        t.ctrl.set_widths(out.widths())
+        t.ctrl.set_gates(
+            {a: (scale_grad(out[a].onehot, weight), t.router.choices[a]) for a in out.axes}
+        )
+        return out
+
+    def forward(self, model: torch.nn.Module, batch: Batch):
+        """Router, teacher (no grad) and student on ``batch``; the loss function of the step."""
+        t = self.t
+        out = self.route()
+        cost, target, rel = t.cost_terms(self.budget_index, out.expected_widths())
+        penalty = rel.square() if t.cfg.cost_loss == "squared" else rel
+        self.last, self.last_cost = out, (cost, target, rel)
+        tokens, pos = batch["tokens"], batch["position_ids"]
+        mask = causal_mask(tokens.shape[1], tokens.device)
+        with torch.no_grad():
+            teacher_logits = t.teacher(tokens, pos, mask)
+        student_logits = model(tokens, pos, mask)
+        loss_func = functools.partial(
+            elastic_loss,
+            teacher_logits=teacher_logits,
+            batch=batch,
+            cost_penalty=penalty,
+            cfg=t.cfg,
+            tp_group=t.pgs.tp,
+            tp_size=t.tp_size,
+        )
+        return student_logits, lambda logits: loss_func(logits)

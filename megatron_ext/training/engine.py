@@ -1,0 +1,328 @@
+"""The training engine: megatron-core's DDP, optimizer and forward-backward schedules.
+
+One :class:`Engine` serves train-parent, train-elastic and QAD; each supplies only its
+:class:`TrainStep` (the forward pass of one micro-batch and its loss and metrics). Per step:
+
+1. the learning rate is set and the gradient buffers are zeroed;
+2. ``get_forward_backward_func()`` runs every micro-batch of the step through the model
+   chunks (no pipelining at PP=1, 1F1B / interleaved at PP>1), dividing each micro-batch's
+   loss by their number (gradient accumulation);
+3. its ``finalize_model_grads`` (set on the model config) reduces gradients with
+   ``DistributedDataParallel`` (dense over DP, experts over expert-DP, bucketed, overlapped
+   with the backward when ``overlap_grad_reduce``) and sums sequence-parallel replicated
+   parameters (norms, the MoE router) over TP;
+4. ``get_megatron_optimizer``'s optimizer (ZeRO-1 sharded with ``distributed_optimizer``)
+   clips by the global norm and steps.
+
+A *replicated* side module (the elastic budget router: a few kB on every rank) is wrapped in
+its own DDP and optimizer; its parameters are marked ``sequence_parallel`` so that the same
+``finalize_model_grads`` sums their gradients over TP (each TP rank's gradient is the part of
+its own sequence slice and its own heads / channels / experts) and averages them over DP.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_ext.compat.engine import gloo_optimizer_groups
+from megatron_ext.training.engine_config import EngineConfig
+from megatron_ext.training.recompute import apply_recompute
+
+Batch = dict[str, torch.Tensor]
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class TrainStep(Protocol):
+    """The pluggable part of a step: one micro-batch's forward pass and its loss."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, LossFunc]:
+        """Run ``model`` (one chunk) on ``batch``; return its output and the loss function.
+
+        The loss function maps the output to ``(loss, metrics)``: the micro-batch's scalar
+        loss and detached scalar metrics (averaged over micro-batches and DP by the engine).
+        """
+        ...
+
+
+@dataclass
+class StepResult:
+    """What one engine step measured: mean metrics over the global batch, the grad norm."""
+
+    metrics: dict[str, float]
+    grad_norm: float
+    microbatches: int
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() and group is not None else 1
+
+
+def _ddp_config(cfg: EngineConfig, *, bucketed: bool = True) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.overlap_grad_reduce and bucketed,
+        use_distributed_optimizer=cfg.distributed_optimizer and bucketed,
+        bucket_size=cfg.bucket_size or None,
+    )
+
+
+def _optimizer_config(cfg: EngineConfig, *, lr: float, **overrides: Any) -> OptimizerConfig:
+    bf16 = cfg.precision == "bf16"
+    values: dict[str, Any] = dict(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.distributed_optimizer,
+    )
+    values.update(overrides)
+    return OptimizerConfig(**values)
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group of a (megatron) optimizer."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def mark_replicated_for_tp_sum(module: torch.nn.Module) -> None:
+    """Mark ``module``'s parameters as replicated parameters whose gradients are partial per
+    TP rank, so that ``finalize_model_grads`` sums them over TP (under sequence parallelism)."""
+    for param in module.parameters():
+        param.sequence_parallel = True  # type: ignore[attr-defined]
+
+
+class Engine:
+    """megatron-core's training machinery around a list of model chunks (one per virtual
+    pipeline stage; one at PP=1) and, optionally, a replicated side module."""
+
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        cfg: EngineConfig,
+        pg_collection,
+        *,
+        side: torch.nn.Module | None = None,
+        side_lr: float = 0.0,
+        seq_length: int = 0,
+    ) -> None:
+        """Wrap ``chunks`` (built, converted, not yet wrapped) and build the optimizers.
+
+        ``side`` (with ``side_lr``) gets its own DDP and a non-sharded Adam without weight
+        decay or clipping; its gradient is reduced by the same ``finalize_model_grads`` call.
+        """
+        if not chunks:
+            raise ValueError("the engine needs at least one model chunk")
+        self.cfg, self.pgs = cfg, pg_collection
+        self.seq_length = seq_length
+        self.dp = _size(pg_collection.dp)
+        self.num_microbatches = cfg.microbatches(self.dp)
+        self.config: Any = chunks[0].config
+        self.chunks: list[DistributedDataParallel] = []
+        for index, chunk in enumerate(chunks):
+            apply_recompute(chunk, cfg.recompute)
+            config: Any = chunk.config
+            if cfg.precision == "bf16":  # megatron's convention: both, as when built in bf16
+                config.bf16, config.params_dtype = True, torch.bfloat16
+                chunk = Float16Module(config, chunk)
+            self.chunks.append(
+                DistributedDataParallel(
+                    config,
+                    _ddp_config(cfg),
+                    chunk,
+                    disable_bucketing=index > 0,
+                    pg_collection=pg_collection,
+                )
+            )
+        self.optimizer = get_megatron_optimizer(
+            _optimizer_config(cfg, lr=cfg.lr),
+            self.chunks,
+            use_gloo_process_groups=False,
+            pg_collection=pg_collection,
+        )
+        gloo_optimizer_groups(self.optimizer)
+        self.side: DistributedDataParallel | None = None
+        self.side_optimizer = None
+        if side is not None:
+            mark_replicated_for_tp_sum(side)
+            self.side = DistributedDataParallel(
+                self.config, _ddp_config(cfg, bucketed=False), side, pg_collection=pg_collection
+            )
+            side_cfg = _optimizer_config(
+                cfg,
+                lr=side_lr,
+                weight_decay=0.0,
+                adam_beta2=0.999,
+                clip_grad=0.0,
+                bf16=False,
+                params_dtype=torch.float32,
+                use_distributed_optimizer=False,
+            )
+            self.side_optimizer = get_megatron_optimizer(
+                side_cfg, [self.side], use_gloo_process_groups=False, pg_collection=pg_collection
+            )
+        self._wire_config()
+
+    def _wire_config(self) -> None:
+        """Point the model config at DDP's no-sync and at ``finalize_model_grads``."""
+        config = self.config
+        config.no_sync_func = [c.no_sync for c in self.chunks]
+        if len(self.chunks) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        if self.cfg.overlap_grad_reduce:
+            config.grad_sync_func = [c.start_grad_sync for c in self.chunks]
+            if len(self.chunks) == 1:
+                config.grad_sync_func = config.grad_sync_func[0]
+        side = self.side
+
+        def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+            finalize_model_grads(model, num_tokens, pg_collection, force_all_reduce)
+            if side is not None:
+                finalize_model_grads([side], None, pg_collection, force_all_reduce)
+
+        config.finalize_model_grads_func = finalize
+
+    @property
+    def model(self) -> DistributedDataParallel:
+        """The (wrapped) model chunk of this rank at PP=1, for checkpoints and evaluation."""
+        if len(self.chunks) != 1:
+            raise ValueError("this engine holds several model chunks; use .chunks")
+        return self.chunks[0]
+
+    def train(self) -> None:
+        """Put every chunk (and the side module) in training mode."""
+        for chunk in self.chunks:
+            chunk.train()
+        if self.side is not None:
+            self.side.train()
+
+    def _forward_step_func(self, step: TrainStep):
+        def forward_step(data_iterator, model):
+            return step.forward(model, next(data_iterator))
+
+        return forward_step
+
+    def step(self, step: TrainStep, microbatches: Iterable[Batch], lr: float) -> StepResult:
+        """One optimizer step over ``microbatches`` (this rank's part of the global batch)."""
+        batches = list(microbatches)
+        set_lr(self.optimizer, lr)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.side is not None:
+            self.side.zero_grad_buffer()
+            self.side_optimizer.zero_grad()  # type: ignore[union-attr]
+        outputs = self._run(step, batches, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        if self.side_optimizer is not None:
+            self.side_optimizer.step()
+        return StepResult(
+            self._mean_metrics(outputs),
+            float(grad_norm) if grad_norm is not None else 0.0,
+            len(batches),
+        )
+
+    @torch.no_grad()
+    def evaluate(self, step: TrainStep, batches: list[Batch]) -> dict[str, float]:
+        """Mean metrics of ``step`` over ``batches`` and DP, forward only, in eval mode."""
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            outputs = self._run(step, batches, forward_only=True)
+        finally:
+            self.train()
+        return self._mean_metrics(outputs)
+
+    def _run(self, step: TrainStep, batches: list[Batch], *, forward_only: bool) -> list:
+        forward_backward = get_forward_backward_func()
+        first = batches[0]["tokens"]
+        return forward_backward(
+            forward_step_func=self._forward_step_func(step),
+            data_iterator=iter(batches),
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(batches),
+            seq_length=self.seq_length or first.shape[1],
+            micro_batch_size=first.shape[0],
+            forward_only=forward_only,
+        )
+
+    def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Average the per-micro-batch metrics, then over DP (on every rank)."""
+        if not outputs:
+            return {}
+        names = sorted(outputs[0])
+        values = torch.tensor(
+            [sum(float(o[n]) for o in outputs) / len(outputs) for n in names], dtype=torch.float64
+        )
+        if self.dp > 1:
+            dist.all_reduce(values, group=self.pgs.dp)
+            values /= self.dp
+        return dict(zip(names, values.tolist()))
+
+    # ---- optimizer state, for checkpoints and the benchmark --------------------------------
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state (Adam moments, fp32 main params) held by this rank."""
+        total = 0
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", opt)
+            for state in inner.state.values():
+                total += sum(
+                    t.numel() * t.element_size()
+                    for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.dim() > 0
+                )
+        return total
+
+    def reload_model_params(self) -> None:
+        """Refresh the optimizer's fp32 main parameters from the model's (after a weight load)."""
+        self.optimizer.reload_model_params()
+
+
+def lm_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, LossFunc]:
+    """The parent's step: per-token next-token loss (vocab-parallel) and its masked mean."""
+    from megatron_ext.models.builder import causal_mask
+
+    tokens = batch["tokens"]
+    per_token = model(
+        tokens,
+        batch["position_ids"],
+        causal_mask(tokens.shape[1], tokens.device),
+        labels=batch["labels"],
+    )
+    return per_token, functools.partial(masked_mean_loss, batch["loss_mask"])
+
+
+def masked_mean_loss(
+    mask: torch.Tensor, per_token: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean of ``per_token`` over ``mask``; the metric ``loss`` is its detached value."""
+    loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"loss": loss.detach().clone()}  # the schedule scales ``loss`` in place
+
+
+class LMStep:
+    """:class:`TrainStep` of the parent: next-token cross-entropy."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, LossFunc]:
+        """See :func:`lm_forward`."""
+        return lm_forward(model, batch)
