@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_ext.distill import kd_loss
 from megatron_ext.elastic.curriculum import step_generator
-from megatron_ext.models.builder import causal_mask
+from megatron_ext.models.builder import attention_mask
 
 Batch = dict[str, torch.Tensor]
 
@@ -118,10 +118,9 @@ class ElasticStep:
         penalty = rel.square() if t.cfg.cost_loss == "squared" else rel
         self.last, self.last_cost = out, (cost, target, rel)
         tokens, pos = batch["tokens"], batch["position_ids"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
         with torch.no_grad():
-            teacher_logits = t.teacher(tokens, pos, mask)
-        student_logits = model(tokens, pos, mask)
+            teacher_logits = t.teacher(tokens, pos, attention_mask(t.teacher, tokens.shape[1]))
+        student_logits = model(tokens, pos, attention_mask(model, tokens.shape[1]))
         loss_func = functools.partial(
             elastic_loss,
             teacher_logits=teacher_logits,

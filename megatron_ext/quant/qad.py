@@ -33,7 +33,7 @@ from megatron_ext.distill import kd_loss
 from megatron_ext.elastic.budget_eval import evaluate_at
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.curriculum import sample_budget
-from megatron_ext.models.builder import causal_mask
+from megatron_ext.models.builder import attention_mask, causal_mask
 from megatron_ext.models.config import require
 from megatron_ext.quant.config import QADConfig
 from megatron_ext.runtime import is_main
@@ -171,11 +171,13 @@ class QADStep:
     def forward(self, model: nn.Module, batch: dict):
         """The frozen teacher's logits (no grad) and the student's, on ``batch``."""
         tokens, pos = batch["tokens"], batch["position_ids"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
+        seq = tokens.shape[1]
         with torch.no_grad():
-            target = self.teacher(tokens, pos, mask)
+            target = self.teacher(tokens, pos, attention_mask(self.teacher, seq))
         loss = functools.partial(qad_loss, teacher_logits=target, batch=batch, cfg=self.cfg)
-        return model(tokens, pos, mask), lambda logits: loss(logits, pgs=self.pgs)
+        return model(tokens, pos, attention_mask(model, seq)), lambda logits: loss(
+            logits, pgs=self.pgs
+        )
 
 
 def train_qad(

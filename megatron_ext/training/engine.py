@@ -300,13 +300,13 @@ class Engine:
 
 def lm_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, LossFunc]:
     """The parent's step: per-token next-token loss (vocab-parallel) and its masked mean."""
-    from megatron_ext.models.builder import causal_mask
+    from megatron_ext.models.builder import attention_mask
 
     tokens = batch["tokens"]
     per_token = model(
         tokens,
         batch["position_ids"],
-        causal_mask(tokens.shape[1], tokens.device),
+        attention_mask(model, tokens.shape[1], tokens.device),
         labels=batch["labels"],
     )
     return per_token, functools.partial(masked_mean_loss, batch["loss_mask"])
