@@ -19,7 +19,7 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.slice_run import load_source, requested_widths
-from megatron_ext.export.hf import check_hf_compatible
+from megatron_ext.export.quantized import check_quantized_hf_compatible
 from megatron_ext.models.config import load_model_config, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.quant.backends import quant_mode, resolve_backend
@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> dict:
     model_backend = "te" if backend == "te" else str(cfg.model_backend)
     source = Path(str(cfg.source.dir))
     if cfg.export:
-        check_hf_compatible(load_model_config(source))  # refuse before the long work
+        check_quantized_hf_compatible(load_model_config(source))  # refuse before the long work
     engine_cfg = EngineConfig.of(qad, "qad_train", weight_decay=0.0)
     engine_cfg.microbatches(1)  # a global batch that does not split fails before the work
     pgs = init_distributed(ParallelConfig())  # PTQ/QAD of the unsharded (TP=1) elastic model

@@ -41,6 +41,7 @@ from megatron_ext.export.hf import (
     CONFIG_FILE,
     check_hf_compatible,
     conv_kernel,
+    family_for_config,
     hf_config,
     hf_names,
     hf_to_megatron,
@@ -97,10 +98,22 @@ def _rows(q: QTensor, cfg: HybridModelConfig) -> tuple[QTensor, ...]:
     )
 
 
+def check_quantized_hf_compatible(cfg: HybridModelConfig) -> None:
+    """:func:`check_hf_compatible`, and the quantized layout is written for Nemotron-H only
+    (a gated MLP's fused ``linear_fc1`` would need its quantized rows split in two)."""
+    check_hf_compatible(cfg)
+    if family_for_config(cfg).name != "nemotron_h":
+        raise ExportError(
+            f"the quantized Hugging Face export writes Nemotron-H only, not "
+            f"{family_for_config(cfg).architecture(cfg)[0]}; export this model unquantized"
+        )
+
+
 def quantized_hf_tensors(
     cfg: HybridModelConfig, state: dict[str, Any], qstate: dict[str, Any]
 ) -> dict[str, Tensor]:
     """Nemotron-H tensors of a sliced ``state`` with the quantized linears of ``qstate``."""
+    check_quantized_hf_compatible(cfg)
     fmt = qstate["format"]
     modules = qstate["modules"]
     plain = {k: v for k, v in state.items() if k[: -len(_W)] not in modules}
@@ -169,7 +182,7 @@ def export_quantized_hf(
 ) -> ExportResult:
     """Slice a quantized elastic ``model`` (TP=1) at ``widths`` and write it quantized."""
     if controller is not None:
-        check_hf_compatible(controller.model)
+        check_quantized_hf_compatible(controller.model)
     cfg, state, qstate = slice_quantized(model, widths, controller)
     path = save_quantized_hf(cfg, state, qstate, out_dir, tokenizer)
     return ExportResult.of("hf_quantized", budget, path, quant_algo=_ALGO[qstate["format"]])
