@@ -191,6 +191,13 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
             "differ by the number of tokens generated, not by the width. Slices run at their "
             "own width, so only the slices show what a small think budget saves.",
         ]
+    if narrow:
+        body += [
+            "",
+            "No timing-noise estimate: in narrow compute the elastic pairs do not decode one "
+            "model, so their spread is no noise floor; each latency is one timed pass, and "
+            "differences of a few tens of percent may come from other jobs on the CPU.",
+        ]
     if noise is not None:
         body += [
             "",
