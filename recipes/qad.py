@@ -126,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
             engine = Engine([student], engine_cfg, pgs, seq_length=qad.seq_length)
             model, opt = engine.model, engine.optimizer
             resume = None
-            latest = ckpts.latest_valid() if run_cfg.resume else None
+            latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
             if latest is not None:
                 resume = ckpts.load(latest, model, opt) or None
                 if resume is not None and "step" not in resume:
