@@ -135,8 +135,9 @@ def final_state(run_dir: Path) -> dict[str, Any]:
     for path in sorted((latest / "rank_state").glob("*.pt")):
         state = torch.load(path, map_location="cpu", weights_only=False)
         history = state["extra"].get("history")
-        if history is not None and hasattr(history, "train_seconds"):
-            history.train_seconds = 0.0  # wall time, the one thing a resume cannot repeat
+        for timing in ("train_seconds", "seconds"):  # wall time: what a resume cannot repeat
+            if history is not None and hasattr(history, timing):
+                setattr(history, timing, 0.0)
         ranks[path.name] = state
     return {"checkpoint": latest.name, "distcp": files, "ranks": ranks}
 

@@ -58,7 +58,8 @@ def _kill_step(recipe: str, layout: str) -> int:
 
 
 def _case(tmp_path: Path, recipe: str, layout: str, overrides: list[str], sig=SIGKILL) -> dict:
-    overrides = [f"parallel={layout}", *overrides]
+    if recipe != "qad":  # qad runs on one process and has no parallel group
+        overrides = [f"parallel={layout}", *overrides]
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_to_end(recipe, whole, overrides)
     step = _kill_step(recipe, layout)
