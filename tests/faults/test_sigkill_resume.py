@@ -116,3 +116,34 @@ def test_sigterm_mid_save_checkpoints_exits_and_resumes_bit_identically(
     hit = _case(tmp_path, "train-parent", layout, [*PARENT, *data_overrides], sig=SIGTERM)
     if layout == "single":
         assert hit["code"] == REQUEUE_EXIT_CODE
+
+
+QAD = [
+    "quant=nvfp4",
+    "qad_train.steps=8",
+    "qad_train.save_interval=1",
+    "qad_train.warmup_steps=2",
+    "qad_train.micro_batch_size=2",
+    "qad_train.seq_length=32",
+    "qad_train.eval_batches=1",
+    "qad_train.eval_seq_length=32",
+    "quant.calib_batches=1",
+]
+
+
+@pytest.fixture(scope="module")
+def elastic_source(tmp_path_factory, importance_run, data_overrides):
+    """A short train-elastic run (in-process) for QAD to quantize."""
+    from megatron_ext.config.compose import compose_recipe
+    from recipes import train_elastic
+
+    run_dir = tmp_path_factory.mktemp("elastic_for_qad_faults")
+    overrides = [f"source.dir={importance_run}", f"run.dir={run_dir}", *ELASTIC, *data_overrides]
+    train_elastic.run(compose_recipe("train_elastic", overrides))
+    return run_dir
+
+
+def test_qad_killed_at_a_random_step_resumes_bit_identically(
+    tmp_path, elastic_source, data_overrides
+):
+    _case(tmp_path, "qad", "single", [f"source.dir={elastic_source}", *QAD, *data_overrides])
