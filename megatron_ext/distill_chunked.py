@@ -153,6 +153,7 @@ class _ChunkedDistill(torch.autograd.Function):
         ]
         kd_sum = torch.zeros((), dtype=torch.float64, device=student_hidden.device)
         ce_sum = torch.zeros_like(kd_sum)
+        used = [False] * len(params)
         for c0 in range(0, local, setup.chunk_size):
             c1 = min(c0 + setup.chunk_size, local)
             rows = _positions(c0, c1, local, sp, setup.mask.device)
@@ -162,9 +163,11 @@ class _ChunkedDistill(torch.autograd.Function):
             kd_sum += kd
             ce_sum += ce
             grad_h[c0:c1] = g_h
-            for a, g in zip(acc, g_p):
+            for i, g in enumerate(g_p):
                 if g is not None:
-                    a += g
+                    acc[i] += g
+                    used[i] = True
+        ctx.used = used  # a parameter the head never touched gets no gradient, not zeros
         ctx.save_for_backward(grad_h, *acc)
         loss = kd_sum + setup.ce_weight * ce_sum
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
@@ -176,7 +179,7 @@ class _ChunkedDistill(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, *_):
         grad_h, *acc = ctx.saved_tensors
         scale = grad_loss.to(grad_h.dtype)
-        grads = [(a * grad_loss.to(a.dtype)) for a in acc]
+        grads = [a * grad_loss.to(a.dtype) if u else None for a, u in zip(acc, ctx.used)]
         return (grad_h * scale, None, None, *grads)
 
 

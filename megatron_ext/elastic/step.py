@@ -3,8 +3,8 @@
 :class:`ElasticStep` is a :class:`~megatron_ext.training.engine.TrainStep`. For every
 micro-batch it runs the router (its Gumbel noise comes from a generator seeded by (seed,
 stage, step) only, so every rank, micro-batch and pipeline stage picks the same widths), sets
-the controller's widths and straight-through gates, runs the frozen teacher and the student,
-and returns :func:`elastic_loss`.
+the controller's widths and straight-through gates, runs the frozen teacher and the student to
+their final hidden states, and returns :func:`elastic_loss` (output layers + KD chunk by chunk).
 
 Router gradient (the router is replicated; see :class:`~megatron_ext.training.engine.Engine`):
 the engine sums it over TP and averages it over DP, like a sequence-parallel norm. The KD
@@ -20,9 +20,13 @@ import functools
 from typing import Any
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_ext.distill import kd_loss
+from megatron_ext.distill_chunked import (
+    OutputHead,
+    chunked_distill_loss,
+    hidden_states_only,
+    output_head,
+)
 from megatron_ext.elastic.curriculum import step_generator
 from megatron_ext.models.builder import attention_mask
 
@@ -48,31 +52,34 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def elastic_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
     batch: Batch,
     cost_penalty: torch.Tensor,
     *,
+    heads: tuple[OutputHead, OutputHead],
     cfg: Any,
     tp_group: Any,
     tp_size: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KD (vocab-parallel forward KL) + ``ce_weight`` x CE + the cost penalty (over TP size).
 
+    The output layers (``heads``: student's, teacher's) and the KD run chunk by chunk along the
+    sequence (:func:`~megatron_ext.distill_chunked.chunked_distill_loss`,
+    ``elastic_train.kd_chunk_size`` positions at a time) on the models' final hidden states.
     Returns the micro-batch loss and its metrics ``kd``.
     """
-    kd = kd_loss(
-        student_logits,
-        teacher_logits,
+    loss, kd, _ = chunked_distill_loss(
+        student_hidden,
+        teacher_hidden,
+        *heads,
+        chunk_size=cfg.kd_chunk_size or student_hidden.shape[0],
         temperature=cfg.kd_temperature,
         tp_group=tp_group,
         loss_mask=batch["loss_mask"],
+        labels=batch["labels"] if cfg.ce_weight > 0 else None,
+        ce_weight=cfg.ce_weight,
     )
-    loss = kd
-    if cfg.ce_weight > 0:  # the trainable-teacher variant's next-token term
-        per_token = vocab_parallel_cross_entropy(student_logits.float(), batch["labels"])
-        m = batch["loss_mask"]
-        loss = loss + cfg.ce_weight * (per_token * m).sum() / m.sum().clamp(min=1)
     loss = loss + cfg.cost_weight * cost_penalty / tp_size
     return loss, {"kd": kd.detach().clone()}
 
@@ -118,16 +125,18 @@ class ElasticStep:
         penalty = rel.square() if t.cfg.cost_loss == "squared" else rel
         self.last, self.last_cost = out, (cost, target, rel)
         tokens, pos = batch["tokens"], batch["position_ids"]
-        with torch.no_grad():
-            teacher_logits = t.teacher(tokens, pos, attention_mask(t.teacher, tokens.shape[1]))
-        student_logits = model(tokens, pos, attention_mask(model, tokens.shape[1]))
+        with torch.no_grad(), hidden_states_only(t.teacher):
+            teacher_hidden = t.teacher(tokens, pos, attention_mask(t.teacher, tokens.shape[1]))
+        with hidden_states_only(model):
+            student_hidden = model(tokens, pos, attention_mask(model, tokens.shape[1]))
         loss_func = functools.partial(
             elastic_loss,
-            teacher_logits=teacher_logits,
+            teacher_hidden=teacher_hidden,
+            heads=(output_head(model), output_head(t.teacher)),
             batch=batch,
             cost_penalty=penalty,
             cfg=t.cfg,
             tp_group=t.pgs.tp,
             tp_size=t.tp_size,
         )
-        return student_logits, lambda logits: loss_func(logits)
+        return student_hidden, lambda hidden: loss_func(hidden)

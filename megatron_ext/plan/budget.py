@@ -247,9 +247,11 @@ _ADVICE = {
     "grads": "raise parallel.tp, parallel.pp or parallel.ep",
     "optimizer": "set {s}.distributed_optimizer=true, or raise the data-parallel size "
     "(parallel.nproc)",
+    "optimizer_sharded": "raise the data-parallel size (parallel.nproc) or parallel.ep, so "
+    "the distributed optimizer shards over more ranks",
     "teacher": "raise parallel.tp or parallel.pp, or keep the teacher in bf16 ({s}.precision=bf16)",
-    "activations": "set {s}.recompute=full, lower the micro-batch size, or raise parallel.tp "
-    "(sequence parallel) or parallel.cp",
+    "activations": "set {s}.recompute=full, lower the micro-batch size or the micro-batches "
+    "in flight ({s}.global_batch_size), or raise parallel.tp (sequence parallel)",
     "backward": "raise parallel.tp (sequence parallel) or parallel.cp, or lower the micro-batch "
     "size",
     "kd_chunk": "lower {s}.kd_chunk_size (0 = whole logits), or raise parallel.tp",
@@ -270,9 +272,12 @@ def check_fits(inp: PlanInputs, plans: list[StagePlan]) -> None:
         smaller = min(TRANSIENT, key=lambda k: parts[k])
         parts.pop(smaller)  # not part of the peak
         big = max(parts, key=lambda k: parts[k])
+        advice = big
+        if big == "optimizer" and inp.distributed_optimizer:
+            advice = "optimizer_sharded"
         raise ConfigError(
             f"cluster.gpu_memory_gb: stage {plan.name!r} (seq {plan.seq_length}) needs "
             f"{total / GIB:.1f} GiB per rank on pipeline stage {worst}, over the "
             f"{inp.gpu_memory_gb:g} GiB of a GPU; the largest part is {big} "
-            f"({parts[big] / GIB:.1f} GiB): " + _ADVICE[big].format(s=inp.section)
+            f"({parts[big] / GIB:.1f} GiB): " + _ADVICE[advice].format(s=inp.section)
         )

@@ -108,6 +108,9 @@ class QADConfig:
     seq_length: int = 128
     budget_probs: list[float] = field(default_factory=list)
     kd_temperature: float = 1.0
+    # positions whose logits the distillation computes at once (megatron_ext.distill_chunked);
+    # 0 = the whole sequence
+    kd_chunk_size: int = 1024
     grad_clip: float = 1.0
     teacher: str = "elastic"
     eval_batches: int = 8
@@ -124,6 +127,7 @@ class QADConfig:
         require(self.lr > 0, "qad_train.lr", f"{self.lr!r} must be > 0")
         require(0 <= self.min_lr_ratio <= 1, "qad_train.min_lr_ratio", "must be in [0, 1]")
         require(self.kd_temperature > 0, "qad_train.kd_temperature", "must be > 0")
+        require(self.kd_chunk_size >= 0, "qad_train.kd_chunk_size", "must be >= 0 (0 = whole)")
         require(self.grad_clip >= 0, "qad_train.grad_clip", "must be >= 0 (0 disables it)")
         require(self.save_interval >= 1, "qad_train.save_interval", "must be >= 1")
         check_engine_fields(self, "qad_train")

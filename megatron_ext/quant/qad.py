@@ -30,6 +30,12 @@ from torch import nn
 from tqdm import tqdm
 
 from megatron_ext.distill import kd_loss
+from megatron_ext.distill_chunked import (
+    OutputHead,
+    chunked_distill_loss,
+    hidden_states_only,
+    output_head,
+)
 from megatron_ext.elastic.budget_eval import evaluate_at
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.curriculum import sample_budget
@@ -149,12 +155,23 @@ def evaluate_kd(
 
 
 def qad_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict, cfg: QADConfig, pgs
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    batch: dict,
+    heads: tuple[OutputHead, OutputHead],
+    cfg: QADConfig,
+    pgs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The QAD objective of one micro-batch: the KD loss from the teacher; metric ``kd``."""
-    kd = kd_loss(
-        student_logits,
-        teacher_logits,
+    """The QAD objective of one micro-batch: the KD loss from the teacher; metric ``kd``.
+
+    The output layers (``heads``: student's, teacher's) and the KD run chunk by chunk along the
+    sequence on the final hidden states (``qad_train.kd_chunk_size`` positions at a time).
+    """
+    kd, _, _ = chunked_distill_loss(
+        student_hidden,
+        teacher_hidden,
+        *heads,
+        chunk_size=cfg.kd_chunk_size or student_hidden.shape[0],
         temperature=cfg.kd_temperature,
         tp_group=pgs.tp,
         loss_mask=batch["loss_mask"],
@@ -169,15 +186,18 @@ class QADStep:
         self.teacher, self.cfg, self.pgs = teacher, cfg, pgs
 
     def forward(self, model: nn.Module, batch: dict):
-        """The frozen teacher's logits (no grad) and the student's, on ``batch``."""
+        """The frozen teacher's and the student's final hidden states on ``batch``; the loss."""
         tokens, pos = batch["tokens"], batch["position_ids"]
         seq = tokens.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), hidden_states_only(self.teacher):
             target = self.teacher(tokens, pos, attention_mask(self.teacher, seq))
-        loss = functools.partial(qad_loss, teacher_logits=target, batch=batch, cfg=self.cfg)
-        return model(tokens, pos, attention_mask(model, seq)), lambda logits: loss(
-            logits, pgs=self.pgs
+        with hidden_states_only(model):
+            hidden = model(tokens, pos, attention_mask(model, seq))
+        heads = (output_head(model), output_head(self.teacher))
+        loss = functools.partial(
+            qad_loss, teacher_hidden=target, batch=batch, heads=heads, cfg=self.cfg
         )
+        return hidden, lambda h: loss(h, pgs=self.pgs)
 
 
 def train_qad(

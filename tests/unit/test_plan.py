@@ -119,10 +119,12 @@ def test_predicted_peak_is_within_15_percent_of_a_measured_train_elastic_step(pg
 
 
 def test_plan_reads_the_training_recipe_config_and_the_cli_prints_it(capsys):
-    cfg = compose_recipe("train_elastic", ["model=nano_v3", "curriculum=star_elastic"])
+    engine = ["elastic_train.precision=bf16", "elastic_train.recompute=selective"]
+    cfg = compose_recipe("train_elastic", ["model=nano_v3", "curriculum=star_elastic", *engine])
     inp = plan_inputs(cfg, "train-elastic")
     assert [s.seq_length for s in inp.stages] == [8192, 49152]
-    assert inp.precision == "bf16" and inp.teacher
+    assert inp.precision == "bf16" and inp.recompute == "selective" and inp.teacher
+    assert inp.distributed_optimizer and inp.kd_chunk_size == 1024  # the recipe's defaults
     assert cli_main(["plan", "curriculum=star_elastic"]) == 0
     out = capsys.readouterr().out
     assert "stage stage2_49k: seq 49152" in out and "kd_chunk" in out and "peak" in out
@@ -133,7 +135,7 @@ def test_slurm_submission_runs_the_planner_first_and_submits_nothing_that_cannot
 ):
     code = cli_main(
         [
-            "train-elastic",
+            "train-parent",
             "cluster=slurm",
             "cluster.dry_run=true",
             "cluster.gpus_per_node=1",
