@@ -90,7 +90,7 @@ class ElasticTrainer:
         """
         if teacher.training or any(p.requires_grad for p in teacher.parameters()):
             raise ValueError("the KD teacher must be frozen: eval mode and requires_grad=False")
-        if engine.side is None or engine.side.module is not router:
+        if engine.side is None or engine.side.module.module is not router:
             raise ValueError("the engine must hold the router as its side module")
         self.engine, self.teacher, self.router = engine, teacher, router
         self.student = engine.model

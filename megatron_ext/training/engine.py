@@ -40,6 +40,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_ext.compat.engine import gloo_optimizer_groups
 from megatron_ext.training.engine_config import EngineConfig
+from megatron_ext.training.pipeline import replicated_chunk
 from megatron_ext.training.recompute import apply_recompute
 
 Batch = dict[str, torch.Tensor]
@@ -104,13 +105,6 @@ def set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def mark_replicated_for_tp_sum(module: torch.nn.Module) -> None:
-    """Mark ``module``'s parameters as replicated parameters whose gradients are partial per
-    TP rank, so that ``finalize_model_grads`` sums them over TP (under sequence parallelism)."""
-    for param in module.parameters():
-        param.sequence_parallel = True  # type: ignore[attr-defined]
-
-
 class Engine:
     """megatron-core's training machinery around a list of model chunks (one per virtual
     pipeline stage; one at PP=1) and, optionally, a replicated side module."""
@@ -163,9 +157,10 @@ class Engine:
         self.side: DistributedDataParallel | None = None
         self.side_optimizer = None
         if side is not None:
-            mark_replicated_for_tp_sum(side)
-            self.side = DistributedDataParallel(
-                self.config, _ddp_config(cfg, bucketed=False), side, pg_collection=pg_collection
+            # its own DDP chunk: TP sum (sequence_parallel marks), DP average and, at pp > 1,
+            # the sum over the stages whose gates it feeds, all in finalize_model_grads
+            self.side = replicated_chunk(
+                side, self.config, pg_collection, _ddp_config(cfg, bucketed=False)
             )
             side_cfg = _optimizer_config(
                 cfg,
@@ -266,13 +261,25 @@ class Engine:
         )
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Average the per-micro-batch metrics, then over DP (on every rank)."""
-        if not outputs:
-            return {}
-        names = sorted(outputs[0])
-        values = torch.tensor(
-            [sum(float(o[n]) for o in outputs) / len(outputs) for n in names], dtype=torch.float64
+        """Average the per-micro-batch metrics, then over DP (on every rank).
+
+        Under pipeline parallelism only the last stage computes the loss: its means are
+        broadcast over the pipeline group first.
+        """
+        means = (
+            {n: sum(float(o[n]) for o in outputs) / len(outputs) for n in outputs[0]}
+            if outputs
+            else {}
         )
+        pp = getattr(self.pgs, "pp", None)
+        if pp is not None and _size(pp) > 1:
+            box = [means]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(pp, pp.size() - 1), group=pp)
+            means = box[0]
+        if not means:
+            return {}
+        names = sorted(means)
+        values = torch.tensor([means[n] for n in names], dtype=torch.float64)
         if self.dp > 1:
             dist.all_reduce(values, group=self.pgs.dp)
             values /= self.dp
