@@ -18,6 +18,10 @@ A *replicated* side module (the elastic budget router: a few kB on every rank) i
 its own DDP and optimizer; its parameters are marked ``sequence_parallel`` so that the same
 ``finalize_model_grads`` sums their gradients over TP (each TP rank's gradient is the part of
 its own sequence slice and its own heads / channels / experts) and averages them over DP.
+EP ranks are data-parallel ranks for every dense parameter (megatron carves EP out of DP), so
+that average covers them: as for a norm, each EP rank's router gradient is that of its own
+tokens. Without sequence parallelism a TP>1 rank's router gradient would mix partial (heads,
+channels) and replicated (residual stream) parts, so train-elastic requires SP at TP>1.
 """
 
 from __future__ import annotations

@@ -168,3 +168,13 @@ def test_invalid_curriculum_names_the_field():
         CurriculumConfig(stages=[stage], seed=-1)
     with pytest.raises(ConfigError, match=r"curriculum\.stages\[s\]\.budget_probs: has 2"):
         CurriculumConfig(stages=[Stage("s", 64, 1e-3, 5, budget_probs=[0.5, 0.5])]).resolve(8, 3)
+
+
+def test_a_stage_with_its_own_global_batch_resolves_its_tokens_with_it():
+    stages = [
+        Stage(name="short", seq_length=8, lr=1.0, tokens=64),  # the training config's batch: 2
+        Stage(name="long", seq_length=8, lr=1.0, tokens=64, global_batch_size=4),
+    ]
+    resolved = CurriculumConfig(stages=stages).resolve(2, 1)
+    assert [s.steps for s in resolved] == [4, 2]  # ceil(64 / (batch x 8))
+    assert [s.global_batch_size for s in resolved] == [0, 4]
