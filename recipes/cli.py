@@ -66,27 +66,31 @@ def usage() -> str:
     """The help text listing every recipe."""
     lines = ["usage: star-elastic <recipe> [key=value ...]", "", "recipes:"]
     lines += [f"  {name:<14} {desc}" for name, (_, _, desc) in RECIPES.items()]
-    lines += [f"  {'plan':<14} per-rank memory of train-elastic (or: plan train-parent ...)"]
+    lines += [f"  {'plan':<14} {PLAN_DESC}"]
     lines += ["", "Overrides are Hydra syntax, e.g. model=nano_v3 parallel=tp2 run.dir=runs/x"]
     lines += ["star-elastic <recipe> --help: the recipe's config groups and default config"]
     lines += ["star-elastic <recipe> [overrides] --cfg job: the composed config, nothing run"]
     return "\n".join(lines)
 
 
-def recipe_help(recipe: str, overrides: list[str]) -> str:
-    """``<recipe> --help``: what it does, its config groups and options, its composed config."""
+def recipe_help(recipe: str, overrides: list[str], title: str = "", desc: str = "") -> str:
+    """``<recipe> --help``: what it does, its config groups and options, its composed config.
+
+    ``title`` / ``desc`` name the command when it is not the recipe itself (``plan``).
+    """
     from omegaconf import OmegaConf
 
     from megatron_ext.config.compose import compose_recipe, conf_dir
 
-    config_name, _, desc = RECIPES[recipe]
+    config_name, _, recipe_desc = RECIPES[recipe]
     cfg = compose_recipe(config_name, overrides)
     groups = []
     for group in sorted(p for p in conf_dir().iterdir() if p.is_dir()):
         if group.name in cfg:
             options = sorted(f.stem for f in group.glob("*.yaml"))
             groups.append(f"  {group.name:<14} {', '.join(options)}")
-    lines = [f"star-elastic {recipe}: {desc}", "", f"config: conf/{config_name}.yaml"]
+    head = f"star-elastic {title or recipe}: {desc or recipe_desc}"
+    lines = [head, "", f"config: conf/{config_name}.yaml"]
     lines += ["", "config groups (choose with group=option):", *groups]
     lines += ["", "composed config (override any key with key=value):", OmegaConf.to_yaml(cfg)]
     return "\n".join(lines)
@@ -102,19 +106,44 @@ def _cfg_flag(overrides: list[str]) -> tuple[list[str], str | None]:
     return overrides, None
 
 
+def _print_cfg(cfg, what: str) -> None:
+    """``--cfg job|all``: the composed config; ``ConfigError`` for any other part."""
+    from omegaconf import OmegaConf
+
+    from megatron_ext.models.config import ConfigError
+
+    if what not in ("job", "all"):
+        raise ConfigError(f"--cfg: {what!r} is not 'job' or 'all'")
+    print(OmegaConf.to_yaml(cfg))
+
+
 PLANNED = ("train-elastic", "train-parent")  # the recipes `plan` knows; slurm plans them first
 
 
+PLAN_DESC = "per-rank memory of train-elastic (or: plan train-parent ...); nothing is built"
+
+
 def plan_main(overrides: list[str]) -> int:
-    """``plan [train-elastic|train-parent] [overrides]``: print the plan; 2 if it cannot fit."""
+    """``plan [train-elastic|train-parent] [overrides]``: print the plan; 2 if it cannot fit.
+
+    ``--help`` and ``--cfg job`` answer as for the recipes, with the planned recipe's config.
+    """
     from megatron_ext.config.compose import compose_recipe
     from megatron_ext.models.config import ConfigError
 
     recipe = "train-elastic"
     if overrides and overrides[0] in PLANNED:
         recipe, overrides = overrides[0], overrides[1:]
+    overrides, show_cfg = _cfg_flag(overrides)
     try:
+        if "--help" in overrides or "-h" in overrides:
+            rest = [o for o in overrides if o not in ("--help", "-h")]
+            print(recipe_help(recipe, rest, title=f"plan {recipe}", desc=PLAN_DESC))
+            return 0
         cfg = compose_recipe(RECIPES[recipe][0], overrides)
+        if show_cfg is not None:
+            _print_cfg(cfg, show_cfg)
+            return 0
         importlib.import_module("recipes.plan").run(cfg, recipe)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -167,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = compose_recipe(config_name, overrides)
         if show_cfg is not None:
-            from omegaconf import OmegaConf
-
-            if show_cfg not in ("job", "all"):
-                raise ConfigError(f"--cfg: {show_cfg!r} is not 'job' or 'all'")
-            print(OmegaConf.to_yaml(cfg))
+            _print_cfg(cfg, show_cfg)
             return 0
         check_layout(recipe, cfg)  # before torchrun or sbatch: a bad layout starts nothing
         check_batch_layout(cfg)  # a global batch that does not split over DP, likewise

@@ -51,8 +51,7 @@ def run(cfg: DictConfig) -> dict:
                 "params (total / active)": f"{result.params_total:,} / {result.params_active:,}",
                 "checkpoint": str(result.checkpoint),
                 "tokenizer": str(result.tokenizer) if result.tokenizer else "none",
-                "next": f"star-elastic importance parent.dir={run_dir} "
-                f"data.tokenizer=hf data.tokenizer_path={data.tokenizer_path}",
+                "next": f"star-elastic importance parent.dir={run_dir} (its tokenizer comes along)",
             },
         )
     )

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_ext.config.registry import register_schemas
+from megatron_ext.config.source_run import take_tokenizer_from_run
 from megatron_ext.models.config import ConfigError
 
 T = TypeVar("T")
@@ -24,14 +25,18 @@ def conf_dir() -> Path:
 def compose_recipe(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides``.
 
+    A recipe that reads a run (``source.dir`` / ``parent.dir``) gets that run's tokenizer
+    unless ``overrides`` name one (:mod:`megatron_ext.config.source_run`).
     Raises :class:`ConfigError` with Hydra's message (which names the key) on a bad override.
     """
     register_schemas()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{config_name}: {err}") from err
+    take_tokenizer_from_run(cfg, overrides)
+    return cfg
 
 
 def section(cfg: DictConfig, name: str, kind: type[T]) -> T:

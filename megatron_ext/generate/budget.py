@@ -105,7 +105,7 @@ class BudgetAnswer:
     answer: PhaseTiming
 
     def as_dict(self) -> dict[str, Any]:
-        """The texts and stops (timings are aggregated elsewhere)."""
+        """The texts, token ids and stops (timings are aggregated elsewhere)."""
         return {
             "prompt": self.prompt,
             "think": self.think_text,
@@ -114,6 +114,8 @@ class BudgetAnswer:
             "answer_stop": self.answer_stop,
             "think_tokens": len(self.think_tokens),
             "answer_tokens": len(self.answer_tokens),
+            "think_ids": list(self.think_tokens),
+            "answer_ids": list(self.answer_tokens),
         }
 
 

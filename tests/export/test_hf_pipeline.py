@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megatron_ext.config.compose import compose_recipe
+from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.elastic.config import Budget
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.convert import convert_to_elastic
@@ -34,7 +35,7 @@ from megatron_ext.elastic.slice_run import load_source
 from megatron_ext.export.hf import read_safetensors
 from megatron_ext.models.config import load_model_config
 from megatron_ext.parallel import ParallelConfig, init_distributed
-from recipes import export, import_hf, importance, slice, train_elastic
+from recipes import export, generate, import_hf, importance, slice, train_elastic
 from tests.export.hf_tiny import hf_logits, megatron_logits, write_hf
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -82,7 +83,7 @@ def pipeline(request, tmp_path_factory, data_overrides):
     out["import"] = import_hf.run(
         compose_recipe("import_hf", [f"hf.dir={root / 'hf'}", f"run.dir={dirs['parent']}"])
     )
-    tok = f"data.tokenizer_path={dirs['parent'] / 'tokenizer.json'}"
+    # no tokenizer overrides: each recipe takes it from the run it reads (config.yaml)
     out["importance"] = importance.run(
         compose_recipe(
             "importance",
@@ -90,17 +91,14 @@ def pipeline(request, tmp_path_factory, data_overrides):
                 f"parent.dir={dirs['parent']}",
                 f"run.dir={dirs['importance']}",
                 *data_overrides,
-                "data.tokenizer=hf",
-                tok,
                 "importance.calib_batches=2",
                 "importance.seq_length=32",
             ],
         )
     )
-    common = [*data_overrides, "data.tokenizer=hf", tok]
     train = compose_recipe(
         "train_elastic",
-        [f"source.dir={dirs['importance']}", f"run.dir={dirs['elastic']}", *common, *SMOKE],
+        [f"source.dir={dirs['importance']}", f"run.dir={dirs['elastic']}", *data_overrides, *SMOKE],
     )
     out["train"] = train_elastic.run(_with_elastic(train, family))
     source = [f"source.dir={dirs['elastic']}", "budget=all"]
@@ -124,6 +122,11 @@ def test_import_writes_a_parent_run_with_its_tokenizer(pipeline):
     saved = OmegaConf.load(parent / "config.yaml")
     assert saved.data.tokenizer == "hf"
     assert saved.data.tokenizer_path == str((parent / "tokenizer.json").resolve())
+    # no command line named it: every later run took it from the run it read
+    for stage in ("importance", "elastic", "slice"):
+        data = OmegaConf.load(pipeline["dirs"][stage] / "config.yaml").data
+        assert (data.tokenizer, data.tokenizer_path) == ("hf", saved.data.tokenizer_path), stage
+    assert pipeline["export"]["tokenizer"]["kind"] == "hf"
     assert saved.model.pattern == load_model_config(parent).pattern
     assert pipeline["import"]["family"] == (
         "llama" if pipeline["family"] == "llama" else "nemotron_h"
@@ -176,3 +179,79 @@ def test_one_elastic_hf_dir_slices_into_the_same_standalone_models(pipeline):
     model, _, _ = load_source(pipeline["dirs"]["elastic"], init_distributed(ParallelConfig()))
     diff = (hf_logits(hf.eval()) - megatron_logits(model)).abs().max().item()
     assert diff <= ATOL, f"full width: max |transformers - elastic| = {diff:.3g}"
+
+
+# ---- generate: the recipe's greedy tokens are transformers' own -----------------------------
+# Both decode greedily from the same prompt ids in fp32; their logits differ by rounding
+# (<= 1e-5, above), so an argmax can only flip at a near-tie of that size, which the few
+# tokens here do not meet. A wrong cache, mask or width changes logits by order 0.1 and the
+# tokens within a step or two. transformers picks over the model's padded vocabulary, the
+# recipe over the tokenizer's ids: the padding ids are suppressed on the transformers side.
+PROMPT = "def fibonacci(n):"
+THINK, ANSWER = 6, 5  # new tokens per phase (K and the answer limit)
+
+
+def _generate(pipeline, source: Path, name: str, think: str, answer: str) -> dict:
+    """The generate recipe on ``source`` for one prompt: its one generation's summary."""
+    overrides = [
+        f"source.dir={source}",
+        f"run.dir={pipeline['dirs']['parent'].parent / name}",
+        f"generation.think_budget={think}",
+        f"generation.answer_budget={answer}",
+        f"generation.max_think_tokens={THINK}",
+        f"generation.max_answer_tokens={ANSWER}",
+        "generation.stop_at_newline=false",
+        "generation.warmup=false",
+    ]
+    cfg = _with_elastic(compose_recipe("generate", overrides), pipeline["family"])
+    cfg.generation.prompts = [PROMPT]
+    assert cfg.data.tokenizer == "hf"  # taken from the run, no override
+    (pair,) = generate.run(cfg)["pairs"].values()
+    (out,) = pair["generations"]
+    return out
+
+
+def _hf_greedy(model, ids: list[int], new: int, vocab: int) -> list[int]:
+    """``transformers``' greedy continuation of ``ids``: ``new`` tokens among ids < ``vocab``."""
+    model.generation_config.eos_token_id = None  # the recipe stops on its own rules
+    padding = list(range(vocab, model.config.vocab_size))
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=new,
+        do_sample=False,
+        suppress_tokens=padding or None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def _assert_same_greedy_tokens(out: dict, think_hf, answer_hf, tokenizer) -> None:
+    """The recipe's think and answer tokens are ``transformers``' greedy tokens."""
+    head = tokenizer.encode(PROMPT + "<think>")
+    think = out["think_ids"]
+    assert think and think == _hf_greedy(think_hf, head, THINK, tokenizer.vocab_size)[: len(think)]
+    assert len(think) == THINK or out["think_stop"] == "think_close"
+    closed = think if out["think_stop"] == "think_close" else think + tokenizer.encode("</think>")
+    answer = out["answer_ids"]
+    expected = _hf_greedy(answer_hf, head + closed, ANSWER, tokenizer.vocab_size)
+    assert answer and answer == expected[: len(answer)]
+    assert len(answer) == ANSWER or answer[-1] == tokenizer.eod
+
+
+def _hf(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_generate_on_the_imported_run_decodes_transformers_greedy_tokens(pipeline):
+    parent = pipeline["dirs"]["parent"]
+    out = _generate(pipeline, parent, "gen_parent", "L", "L")
+    hf = _hf(parent.parent / "hf")
+    _assert_same_greedy_tokens(out, hf, hf, build_tokenizer("hf", parent / "tokenizer.json"))
+
+
+def test_generate_on_the_slices_decodes_the_exports_greedy_tokens(pipeline):
+    """Think at S, answer at M on the slice run; ``transformers`` runs the S and M exports."""
+    out = _generate(pipeline, pipeline["dirs"]["slice"], "gen_slices", "S", "M")
+    exports = {e["budget"]: Path(e["path"]) for e in pipeline["export"]["exports"]}
+    tokenizer = build_tokenizer("hf", pipeline["dirs"]["parent"] / "tokenizer.json")
+    _assert_same_greedy_tokens(out, _hf(exports["S"]), _hf(exports["M"]), tokenizer)

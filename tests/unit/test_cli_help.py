@@ -26,3 +26,23 @@ def test_cfg_job_prints_the_config_with_the_overrides_applied(capsys, tmp_path):
 def test_cfg_with_an_unknown_part_is_a_config_error(capsys):
     assert main(["export", "--cfg", "hydra2"]) == 2
     assert "--cfg" in capsys.readouterr().err
+
+
+PLAN_CASES = [([], "elastic_train:"), (["train-parent"], "train:")]
+
+
+@pytest.mark.parametrize(("planned", "section"), PLAN_CASES)
+def test_plan_help_shows_the_planned_recipes_composed_config(planned, section, capsys):
+    assert main(["plan", *planned, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"star-elastic plan {planned[0] if planned else 'train-elastic'}: ")
+    assert "composed config" in out and f"\n{section}" in out
+
+
+def test_plan_cfg_job_prints_the_config_and_plans_nothing(capsys):
+    assert main(["plan", "parallel.nproc=2", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "nproc: 2" in out and "elastic_train:" in out
+    assert "peak" not in out  # the plan's table was not printed: nothing was planned
+    assert main(["plan", "--cfg", "hydra2"]) == 2
+    assert "--cfg" in capsys.readouterr().err

@@ -116,3 +116,19 @@ def test_a_layout_the_model_cannot_split_fails_before_torchrun(tmp_path, capsys)
     args = ["train-parent", "parallel.nproc=3", "parallel.pp=3", f"run.dir={tmp_path / 'r'}"]
     assert main(args) == 2
     assert "parallel.pp: the 8 layers" in capsys.readouterr().err
+
+
+def test_a_recipe_takes_the_tokenizer_of_the_run_it_reads_unless_the_command_names_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = "data:\n  tokenizer: hf\n  tokenizer_path: /a/tokenizer.json\n"
+    (run / "config.yaml").write_text(saved)
+    cfg = compose_recipe("slice", [f"source.dir={run}"])
+    assert (cfg.data.tokenizer, cfg.data.tokenizer_path) == ("hf", "/a/tokenizer.json")
+    cfg = compose_recipe("importance", [f"parent.dir={run}"])
+    assert cfg.data.tokenizer_path == "/a/tokenizer.json"
+    named = ["data.tokenizer=hf", "data.tokenizer_path=/b/tokenizer.json"]
+    cfg = compose_recipe("slice", [f"source.dir={run}", *named])
+    assert cfg.data.tokenizer_path == "/b/tokenizer.json"  # the command line wins
+    cfg = compose_recipe("slice", [f"source.dir={tmp_path / 'none'}"])
+    assert (cfg.data.tokenizer, cfg.data.tokenizer_path) == ("byte", "")  # no run: the default
