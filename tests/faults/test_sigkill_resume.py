@@ -97,10 +97,7 @@ def test_train_parent_killed_at_a_random_step_resumes_bit_identically(
         assert len(hit["seen"]) >= 4  # launcher, torchrun agent and both ranks: all gone
 
 
-# TP=2 is left out for now: a TP=2 train-elastic run killed during its first save (so it
-# starts again from step 0) ends with a step-8 evaluation that differs from an uninterrupted
-# run's in the last bits; the cause is not found yet.
-@pytest.mark.parametrize("layout", ["single", "ep2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_train_elastic_killed_at_a_random_step_resumes_bit_identically(
     tmp_path, importance_run, data_overrides, layout
 ):
