@@ -138,7 +138,8 @@ def plan_main(overrides: list[str]) -> int:
     try:
         if "--help" in overrides or "-h" in overrides:
             rest = [o for o in overrides if o not in ("--help", "-h")]
-            print(recipe_help(recipe, rest, title=f"plan {recipe}", desc=PLAN_DESC))
+            desc = f"per-rank memory of {recipe}; nothing is built"
+            print(recipe_help(recipe, rest, title=f"plan {recipe}", desc=desc))
             return 0
         cfg = compose_recipe(RECIPES[recipe][0], overrides)
         if show_cfg is not None:
