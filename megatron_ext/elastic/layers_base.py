@@ -1,13 +1,12 @@
 """The base of every generated elastic class, and the class factory.
 
-An elastic class is ``Elastic<Upstream>``, a direct subclass of the upstream class whose
+An elastic class is ``Elastic<Upstream>``, made by :func:`megatron_ext.dynamic.converted_class`
+(the class swap every conversion shares): a direct subclass of the upstream class whose
 namespace holds the methods of an elastic mixin; they call upstream's through
-``self.elastic_upstream``. The mixin is a method table, not a base: a second base would give
-the class another instance layout, and CPython refuses ``__class__`` assignment across
-layouts (e.g. for ``TopKRouter``, an ``ABC``). Only the class of a built module changes; its
-parameters, buffers and submodules stay, so ``state_dict`` and ``sharded_state_dict`` are
-upstream's. Per-instance settings (the controller, the shard of each axis) are plain Python
-attributes listed in ``elastic_fields``, removed again by :meth:`ElasticMixin.elastic_detach`.
+``self.elastic_upstream``. Only the class of a built module changes, so ``state_dict`` and
+``sharded_state_dict`` are upstream's. Per-instance settings (the controller, the shard of
+each axis) are plain Python attributes listed in ``elastic_fields``, removed again by
+:meth:`ElasticMixin.elastic_detach`.
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ from typing import Any, ClassVar, cast
 
 from torch import nn
 
+from megatron_ext.dynamic import converted_class, is_outermost
 from megatron_ext.elastic.controller import ElasticController
-
-_CLASSES: dict[tuple[type, type], type] = {}
-_SKIP = {"__slots__", "__dict__", "__weakref__", "__module__", "__qualname__", "__annotations__"}
 
 
 class ElasticMixin:
@@ -44,32 +41,17 @@ class ElasticMixin:
 
 
 def is_elastic_module(module: object) -> bool:
-    """Whether ``module``'s class is a generated elastic class."""
-    return "elastic_upstream" in type(module).__dict__
+    """Whether ``module``'s outermost conversion is the elastic one."""
+    return is_outermost(module, "elastic")
 
 
 def elastic_class(upstream: type, mixin: type) -> type:
     """The elastic subclass of ``upstream`` with ``mixin``'s methods (created once, cached)."""
-    if "elastic_upstream" in upstream.__dict__:
-        raise TypeError(f"{upstream.__name__} is already elastic")
     if not issubclass(mixin, ElasticMixin):
         raise TypeError(f"{mixin.__name__} is not an ElasticMixin")
-    key = (upstream, mixin)
-    cls = _CLASSES.get(key)
-    if cls is None:
-        namespace: dict[str, Any] = {}
-        for klass in reversed(mixin.__mro__[:-1]):  # object's attributes stay upstream's
-            namespace.update({k: v for k, v in vars(klass).items() if k not in _SKIP})
-        namespace.update(
-            __module__=mixin.__module__,
-            __qualname__=f"Elastic{upstream.__name__}",
-            __slots__=(),
-            elastic_upstream=upstream,
-            elastic_mixin=mixin,
-        )
-        cls = type(f"Elastic{upstream.__name__}", (upstream,), namespace)
-        _CLASSES[key] = cls
-    return cls
+    return converted_class(
+        upstream, mixin, "elastic", elastic_upstream=upstream, elastic_mixin=mixin
+    )
 
 
 def make_elastic(

@@ -39,6 +39,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch import Tensor
 
+from megatron_ext.dynamic import is_converted
 from megatron_ext.elastic.controller import Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
 
@@ -46,9 +47,7 @@ Out = tuple[Tensor, Tensor | None]
 
 
 def _need_local(module: object, kind: type) -> None:
-    from megatron_ext.quant.layers import is_quantized_module
-
-    if is_quantized_module(module):
+    if is_converted(module, "quant"):
         raise TypeError(
             f"{type(module).__name__}: narrow compute would skip the quantized GEMM; quantized "
             "elastic models compute masked (ElasticController(mode='masked'))"

@@ -29,11 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from megatron_ext.dynamic import converted_class, is_outermost
 from megatron_ext.quant.formats import amax, check_format, fake_quant, scale_from_amax
 
 MODES: tuple[str, ...] = ("off", "calibrate", "quant")
-_SKIP = {"__slots__", "__dict__", "__weakref__", "__module__", "__qualname__", "__annotations__"}
-_CLASSES: dict[type, type] = {}
 
 
 class QuantController:
@@ -126,28 +125,13 @@ class QuantLinearMixin:
 
 
 def is_quantized_module(module: object) -> bool:
-    """Whether ``module``'s class is a generated quantized class."""
-    return "quant_base" in type(module).__dict__
+    """Whether ``module``'s outermost conversion is the quantized one."""
+    return is_outermost(module, "quant")
 
 
 def quant_class(base: type) -> type:
     """``Quant<base>``: ``base`` with :class:`QuantLinearMixin`'s methods (created once)."""
-    if "quant_base" in base.__dict__:
-        raise TypeError(f"{base.__name__} is already quantized")
-    cls = _CLASSES.get(base)
-    if cls is None:
-        namespace: dict[str, Any] = {
-            k: v for k, v in vars(QuantLinearMixin).items() if k not in _SKIP
-        }
-        namespace.update(
-            __module__=QuantLinearMixin.__module__,
-            __qualname__=f"Quant{base.__name__}",
-            __slots__=(),
-            quant_base=base,
-        )
-        cls = type(f"Quant{base.__name__}", (base,), namespace)
-        _CLASSES[base] = cls
-    return cls
+    return converted_class(base, QuantLinearMixin, "quant", quant_base=base)
 
 
 def make_quantized(
