@@ -9,11 +9,39 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from megatron_ext.models.config import ConfigError, HybridModelConfig, require
+from megatron_ext.errors import ConfigError, require
+
+
+class ModelShape(Protocol):
+    """What :meth:`ParallelConfig.check_model` reads of a model config (a ``HybridModelConfig``).
+
+    The layout does not depend on the model package: the model builder takes a layout, not the
+    other way round.
+    """
+
+    pattern: str
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    mamba_num_heads: int
+    mamba_num_groups: int
+    num_experts: int
+
+    @property
+    def num_layers(self) -> int:
+        """Layers in the pattern."""
+        ...
+
+    def has(self, symbol: str) -> bool:
+        """Whether the pattern has a layer of kind ``symbol``."""
+        ...
 
 
 @dataclass
@@ -64,7 +92,7 @@ class ParallelConfig:
         """Data-parallel size."""
         return self.nproc // (self.tp * self.pp)
 
-    def check_model(self, model: HybridModelConfig) -> None:
+    def check_model(self, model: ModelShape) -> None:
         """Raise :class:`ConfigError` if ``model`` cannot be split this way."""
         tp, ep = self.tp, self.ep
         if model.num_layers % self.pp:

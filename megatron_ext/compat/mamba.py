@@ -4,7 +4,7 @@ Upstream site: ``megatron/core/ssm/mamba_mixer.py``. Without mamba-ssm the modul
 ``HAVE_MAMBA_SSM = False`` (so ``MambaMixer.__init__`` raises), leaves the kernel names
 ``mamba_chunk_scan_combined`` / ``selective_state_update`` unset, and derives
 ``ExtendedRMSNorm`` from a ``MagicMock`` (so the class itself is a mock, methods and all).
-This module points those globals at the kernels in :mod:`megatron_ext.models.mamba_kernels`,
+This module points those globals at the kernels in :mod:`megatron_ext.compat.mamba_kernels`,
 so the stock class (with upstream's parameter names and ``sharded_state_dict``) runs with
 ``use_mamba_mem_eff_path=False``. The causal conv falls back to the mixer's own
 ``nn.Conv1d`` path when ``causal_conv1d_fn`` is ``None``.
@@ -16,7 +16,7 @@ torch path (roll the conv state, one dot product per channel).
 
 Upstream site: ``megatron/core/ssm/mamba_block.py`` builds ``MambaStack.final_norm`` with
 ``TENorm`` unconditionally; without Transformer Engine it is pointed at
-:class:`~megatron_ext.models.norms.TorchNorm` (a torch RMSNorm that supports sequence
+:class:`~megatron_ext.compat.norms.TorchNorm` (a torch RMSNorm that supports sequence
 parallelism).
 """
 
@@ -31,7 +31,7 @@ def install_torch_mamba_kernels() -> None:
     from megatron.core.ssm import mamba_mixer
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-    from megatron_ext.models import mamba_kernels
+    from megatron_ext.compat import mamba_kernels
 
     class TorchExtendedRMSNorm(mamba_kernels.RMSNormGated):
         """Gated grouped RMSNorm, sharded along its weight's axis 0 like upstream's."""
@@ -63,6 +63,6 @@ def torch_final_norm() -> None:
     """Build ``MambaStack.final_norm`` with a torch norm instead of ``TENorm``."""
     from megatron.core.ssm import mamba_block
 
-    from megatron_ext.models.norms import TorchNorm
+    from megatron_ext.compat.norms import TorchNorm
 
     mamba_block.TENorm = TorchNorm

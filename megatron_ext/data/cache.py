@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_ext.config.schema import DataConfig
 from megatron_ext.data.arithmetic import FORMAT_VERSION, prepare_arithmetic
+from megatron_ext.data.config import DataConfig
 from megatron_ext.data.prepare import default_corpus_dir, prepare_indexed_dataset
 from megatron_ext.data.tokenizer import Tokenizer, build_tokenizer
 

@@ -203,7 +203,7 @@ def _residual_norm(owner: nn.Module, attr: str, feeds: str | None, where: str) -
     if not isinstance(norm, torch.nn.RMSNorm):
         raise TypeError(
             f"{where}.{attr} is {type(norm).__name__}; elastic embedding supports "
-            "torch.nn.RMSNorm (megatron_ext.models.norms.TorchNorm with normalization=RMSNorm)"
+            "torch.nn.RMSNorm (megatron_ext.compat.norms.TorchNorm with normalization=RMSNorm)"
         )
     yield norm, ElasticRMSNormMixin, {}
 

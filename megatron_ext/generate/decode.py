@@ -9,7 +9,7 @@ step runs one token.
 * Mamba layers keep a conv state (the last ``d_conv`` inputs of the short convolution) and
   an SSM state per head in the context, and ``MambaMixer._decode`` advances both by one step
   (on machines without mamba-ssm the SSM step is the pure-torch ``selective_state_update`` of
-  :mod:`megatron_ext.models.mamba_kernels`, the conv step upstream's own torch fallback);
+  :mod:`megatron_ext.compat.mamba_kernels`, the conv step upstream's own torch fallback);
 * MLP and MoE layers are per token and need no cache.
 
 :class:`RecomputeDecoder` runs the whole sequence again at every step (no cache): the

@@ -7,21 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ext.errors import ConfigError as ConfigError
+from megatron_ext.errors import require as require
+
 CORE_ATTENTIONS = ("sdpa", "dot_product")
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 ACTIVATIONS = ("squared_relu", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and says what to change."""
-
-
-def require(condition: bool, field: str, message: str) -> None:
-    """Raise :class:`ConfigError` naming ``field`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(f"{field}: {message}")
 
 
 @dataclass

@@ -27,9 +27,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.compat import have_transformer_engine
+from megatron_ext.compat.norms import TorchNorm
 from megatron_ext.models.attention import SDPAttention
 from megatron_ext.models.config import ConfigError
-from megatron_ext.models.norms import TorchNorm
 
 BACKENDS = ("auto", "local", "te")
 

@@ -8,7 +8,7 @@ expert parallelism, and over the expert-TP size, which megatron-core sets to the
 Activations are the elements autograd keeps per token of one layer until its backward, counted
 from the tensors the implementation saves: megatron's layers with the project's SDPA core
 attention (:mod:`megatron_ext.models.attention`) and pure-PyTorch SSD scan
-(:mod:`megatron_ext.models.mamba_kernels`, whose intra-chunk matrices are ``L x L`` per head
+(:mod:`megatron_ext.compat.mamba_kernels`, whose intra-chunk matrices are ``L x L`` per head
 for chunk length ``L``). Every layer starts with its pre-norm (its input, the normalised
 copy, the residual and one statistic per token: ``3h + 1``). Routed experts assume balanced
 routing (each token visits ``top_k`` experts).

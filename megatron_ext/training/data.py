@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_ext.config.schema import DataConfig, TrainConfig
 from megatron_ext.data.cache import ensure_prepared, tokenizer_for
+from megatron_ext.data.config import DataConfig
 from megatron_ext.data.loader import BatchIterator, build_gpt_dataset
 from megatron_ext.data.prepare import DataError
+from megatron_ext.training.config import TrainConfig
 
 
 def build_batches(

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_ext.config.schema import TrainConfig
 from megatron_ext.models.builder import causal_mask
+from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.engine import Engine, LMStep, TrainStep
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import lr_at

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from megatron_ext.config.schema import TrainConfig
+from megatron_ext.training.config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -23,7 +23,7 @@ def test_cpu_shims_are_applied_exactly_when_cuda_is_absent():
 def test_mamba_mixer_uses_torch_kernels_without_mamba_ssm():
     from megatron.core.ssm import mamba_mixer
 
-    from megatron_ext.models import mamba_kernels
+    from megatron_ext.compat import mamba_kernels
 
     if optional.have_mamba_ssm():
         pytest.skip("mamba-ssm is installed: upstream kernels are used")

@@ -269,8 +269,7 @@ def test_prompts_file_is_read_as_plain_lines_or_json_lines(tmp_path):
 def test_mamba_decode_step_runs_on_torch_kernels_without_mamba_ssm():
     from megatron.core.ssm import mamba_mixer
 
-    from megatron_ext.compat import have_mamba_ssm
-    from megatron_ext.models import mamba_kernels
+    from megatron_ext.compat import have_mamba_ssm, mamba_kernels
 
     if have_mamba_ssm():
         pytest.skip("mamba-ssm is installed: upstream's fused decode kernels are used")

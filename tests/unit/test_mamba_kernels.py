@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models.mamba_kernels import (
+from megatron_ext.compat.mamba_kernels import (
     RMSNormGated,
     mamba_chunk_scan_combined,
     selective_state_update,
