@@ -7,10 +7,14 @@ launch and writes ``{"cases": {...}, "seconds": ...}`` as JSON (rank 0) to the p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The checkout: case scripts import helpers of the ``tests`` package, as the suite does."""
 
 
 def run_cases(script: Path, out_dir: Path, nproc: int = 2, timeout: int = 600) -> dict:
@@ -18,8 +22,10 @@ def run_cases(script: Path, out_dir: Path, nproc: int = 2, timeout: int = 600) -
     out = out_dir / "results.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), str(script), str(out)]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     data = json.loads(out.read_text())
