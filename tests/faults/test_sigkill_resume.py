@@ -88,7 +88,7 @@ def _case(tmp_path: Path, recipe: str, layout: str, overrides: list[str], sig=SI
     return hit
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "pp2"])
 def test_train_parent_killed_at_a_random_step_resumes_bit_identically(
     tmp_path, data_overrides, layout
 ):
