@@ -21,7 +21,7 @@ from megatron_ext.models.config import (
 )
 from megatron_ext.parallel import ParallelConfig
 
-PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent"})
+PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent", "train-elastic"})
 """Recipes whose training steps run on megatron-core's pipeline schedules (``pp > 1``)."""
 
 READS_ANY_PP = frozenset({"importance", "model-info"})

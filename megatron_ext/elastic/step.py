@@ -12,6 +12,13 @@ part is partial on every TP rank (its sequence slice, its heads, channels and ex
 sum is its whole. The cost term is the same on every rank: it enters the loss divided by the
 TP size, so that the TP sum counts it once (exactly, for a power-of-two TP). The KD share of
 the router gradient is scaled by ``router_task_weight`` at the gates.
+
+Pipeline parallelism: the teacher is staged like the student. :func:`teacher_hidden_states`
+runs it forward-only through megatron's schedule before the step (its activations flow stage
+to stage) and leaves its final hidden states in ``batch["teacher_hidden"]`` on the last
+stage, where the loss function reads them. Only the last stage calls the loss function, so
+the cost term is counted once over the stages; each stage's gates send the router their part
+of its gradient and ``finalize_model_grads`` sums them over the stages.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from megatron_ext.distill_chunked import (
 )
 from megatron_ext.elastic.curriculum import step_generator
 from megatron_ext.models.builder import attention_mask
+from megatron_ext.training.pipeline import is_last_stage, teacher_logits
 
 Batch = dict[str, torch.Tensor]
 
@@ -84,6 +92,25 @@ def elastic_loss(
     return loss, {"kd": kd.detach().clone()}
 
 
+@torch.no_grad()
+def teacher_hidden_states(
+    teacher: torch.nn.Module, microbatches: list[Batch], pg_collection, *, seq_length: int
+) -> None:
+    """Put the staged ``teacher``'s final hidden states in each ``batch["teacher_hidden"]``.
+
+    A forward-only pass through megatron's schedule (every stage runs its own layers); the
+    hidden states exist on the last stage only, elsewhere the batches are left as they are.
+    """
+    with hidden_states_only(teacher):
+        hidden = teacher_logits(teacher, microbatches, pg_collection, seq_length=seq_length)
+    for batch, states in zip(microbatches, hidden):
+        batch["teacher_hidden"] = states
+
+
+def _unused_loss(output: torch.Tensor) -> Any:
+    raise RuntimeError("the loss is computed on the last pipeline stage only")
+
+
 class ElasticStep:
     """The elastic :class:`~megatron_ext.training.engine.TrainStep` of one optimizer step."""
 
@@ -125,10 +152,17 @@ class ElasticStep:
         penalty = rel.square() if t.cfg.cost_loss == "squared" else rel
         self.last, self.last_cost = out, (cost, target, rel)
         tokens, pos = batch["tokens"], batch["position_ids"]
-        with torch.no_grad(), hidden_states_only(t.teacher):
-            teacher_hidden = t.teacher(tokens, pos, attention_mask(t.teacher, tokens.shape[1]))
+        teacher_hidden = batch.get("teacher_hidden")  # the staged teacher's (pp > 1)
+        if t.pp_size == 1:
+            with torch.no_grad(), hidden_states_only(t.teacher):
+                mask = attention_mask(t.teacher, tokens.shape[1])
+                teacher_hidden = t.teacher(tokens, pos, mask)
         with hidden_states_only(model):
             student_hidden = model(tokens, pos, attention_mask(model, tokens.shape[1]))
+        if not is_last_stage(t.pgs):
+            return student_hidden, _unused_loss
+        if teacher_hidden is None:
+            raise RuntimeError("pipeline stages: run teacher_hidden_states on the batches first")
         loss_func = functools.partial(
             elastic_loss,
             teacher_hidden=teacher_hidden,

@@ -25,7 +25,7 @@ from megatron_ext.elastic.cost import CostModel
 from megatron_ext.elastic.curriculum import sample_budget
 from megatron_ext.elastic.feasible import FeasibleSet
 from megatron_ext.elastic.router import ElasticRouter
-from megatron_ext.elastic.step import ElasticStep
+from megatron_ext.elastic.step import ElasticStep, teacher_hidden_states
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.training.engine import Engine
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
@@ -98,6 +98,8 @@ class ElasticTrainer:
         self.cost_models, self.cfg, self.pgs = cost_models, cfg, pg_collection
         self.router_opt: Any = engine.side_optimizer
         self.tp_size = dist.get_world_size(pg_collection.tp) if dist.is_initialized() else 1
+        pp = getattr(pg_collection, "pp", None)
+        self.pp_size = pp.size() if pp is not None and dist.is_initialized() else 1
         self.seed = seed
         self.step_fn = ElasticStep(self)
         self.feasible = dict(feasible or {})
@@ -144,6 +146,10 @@ class ElasticTrainer:
         micro = [next(stage.batches) for _ in range(stage.microbatches)]
         warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
         self.step_fn.begin(step)
+        self.engine.seq_length = stage.seq_length  # the stages' p2p activations' length
+        if self.pp_size > 1:  # the teacher is staged too: its pass first, through the schedule
+            micro = [dict(b) for b in micro]  # the teacher's states go in this step's copies
+            teacher_hidden_states(self.teacher, micro, self.pgs, seq_length=stage.seq_length)
         result = self.engine.step(self.step_fn, micro, stage.lr * warm)
         self.ctrl.set_gates(None)
         assert self.step_fn.last_cost is not None

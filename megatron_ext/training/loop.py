@@ -16,6 +16,7 @@ from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.engine import Engine, LMStep, TrainStep
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import lr_at
+from megatron_ext.training.pipeline import lm_forward_step, run_schedule
 from megatron_ext.training.preemption import Preempted, PreemptionHandler
 from megatron_ext.training.state import capture_rng, restore_rng
 
@@ -44,12 +45,41 @@ def _dp_mean(value: float, pg_collection) -> float:
     return float(t.item()) / dist.get_world_size(group)
 
 
+def _pp_group(pg_collection) -> Any:
+    group = getattr(pg_collection, "pp", None)
+    return group if group is not None and dist.is_initialized() and group.size() > 1 else None
+
+
+def _staged_losses(model: torch.nn.Module, batches: list[Batch], pg_collection) -> list[float]:
+    """Per-batch losses of a pipeline stage's ``model``: forward-only through the schedule,
+    broadcast from the last stage (which computes them) to every stage."""
+    group = _pp_group(pg_collection)
+    out = run_schedule(
+        model,
+        batches,
+        lm_forward_step,
+        pg_collection,
+        seq_length=int(batches[0]["tokens"].shape[1]),
+        forward_only=True,
+    )
+    box = [[float(o["loss"]) for o in out]]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, group.size() - 1), group=group)
+    return box[0]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> float:
-    """Held-out loss: mean over ``batches`` and over data-parallel ranks."""
+    """Held-out loss: mean over ``batches`` and over data-parallel ranks.
+
+    Under pipeline parallelism ``model`` is this rank's stage; the batches go through
+    megatron's schedule (forward only) and every stage returns the same value.
+    """
     was_training = model.training
     model.eval()
-    losses = [float(lm_loss(model, b)) for b in batches]
+    if batches and _pp_group(pg_collection) is not None:
+        losses = _staged_losses(model, batches, pg_collection)
+    else:
+        losses = [float(lm_loss(model, b)) for b in batches]
     model.train(was_training)
     return _dp_mean(sum(losses) / max(1, len(losses)), pg_collection)
 

@@ -97,7 +97,7 @@ def test_pipeline_stages_must_split_the_layers_evenly():
 @pytest.mark.parametrize(
     ("recipe", "why"),
     [
-        ("train-elastic", "does not run pipeline stages yet"),
+        ("import-hf", "does not run pipeline stages yet"),
         ("importance", "reads checkpoints saved at any pp"),
     ],
 )
