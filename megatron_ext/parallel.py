@@ -46,7 +46,13 @@ class ModelShape(Protocol):
 
 @dataclass
 class ParallelConfig:
-    """Process layout: ``nproc`` ranks split into TP × PP × DP, with EP carved out of DP × TP.
+    """Process layout: ``nproc`` ranks split into TP × CP × PP × DP, with EP carved out of DP × TP.
+
+    ``cp`` context-parallel ranks each hold a part of every sequence (megatron-core's
+    load-balanced split, :func:`split_for_context_parallel`); offered for stacks without
+    attention layers: megatron-core's Mamba mixer runs its all-to-all context parallelism with
+    any backend, its attention CP needs TransformerEngine's attention (GPU), which this
+    project's layer spec does not use.
 
     ``pp`` pipeline stages each hold ``num_layers / pp`` consecutive layers of the hybrid
     pattern (megatron-core's even split); the first stage also holds the embedding, the last
@@ -58,18 +64,19 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    cp: int = 1
     # Sequence parallelism whenever tp > 1 (megatron-core requires it for MoE with TP).
     sequence_parallel: bool = True
     backend: str = "auto"  # auto: nccl with CUDA, gloo without
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        for field in ("nproc", "tp", "ep", "pp"):
+        for field in ("nproc", "tp", "ep", "pp", "cp"):
             require(getattr(self, field) >= 1, f"parallel.{field}", "must be >= 1")
         require(
-            self.nproc % (self.tp * self.pp) == 0,
+            self.nproc % (self.tp * self.pp * self.cp) == 0,
             "parallel.nproc",
-            f"must be a multiple of tp*pp = {self.tp * self.pp}",
+            f"must be a multiple of tp*pp*cp = {self.tp * self.pp * self.cp}",
         )
         require(
             self.nproc % self.ep == 0,
@@ -89,8 +96,8 @@ class ParallelConfig:
 
     @property
     def dp(self) -> int:
-        """Data-parallel size."""
-        return self.nproc // (self.tp * self.pp)
+        """Data-parallel size (context-parallel ranks of one replica read the same samples)."""
+        return self.nproc // (self.tp * self.pp * self.cp)
 
     def check_model(self, model: ModelShape) -> None:
         """Raise :class:`ConfigError` if ``model`` cannot be split this way."""
@@ -101,13 +108,20 @@ class ParallelConfig:
                 f"{model.pattern!r} do not split evenly over {self.pp} pipeline stages; "
                 f"use a pp that divides {model.num_layers}"
             )
+        if self.cp > 1 and model.has("*"):
+            raise ConfigError(
+                f"parallel.cp: model.pattern {model.pattern!r} has attention layers ('*'); "
+                "megatron-core's attention context parallelism needs TransformerEngine's "
+                "TEDotProductAttention (GPU), which the local layer spec does not use. Use "
+                "cp=1, or a pattern without '*' (Mamba, MLP and MoE layers run at any cp)"
+            )
         checks = [
             ("model.hidden_size", model.hidden_size, tp, True),
             ("model.vocab_size", model.vocab_size, tp, True),
             ("model.num_attention_heads", model.num_attention_heads, tp, model.has("*")),
             ("model.num_query_groups", model.num_query_groups, tp, model.has("*")),
             ("model.ffn_hidden_size", model.ffn_hidden_size, tp, model.has("-")),
-            ("model.mamba_num_heads", model.mamba_num_heads, tp, model.has("M")),
+            ("model.mamba_num_heads", model.mamba_num_heads, tp * self.cp, model.has("M")),
             ("model.mamba_num_groups", model.mamba_num_groups, tp, model.has("M")),
             ("model.num_experts", model.num_experts, ep, model.has("E")),
         ]
@@ -115,6 +129,18 @@ class ParallelConfig:
             raise ConfigError(
                 "parallel.sequence_parallel: megatron-core's MoE layers need sequence parallelism "
                 f"at tp={self.tp}; set it to true (or use tp=1)"
+            )
+        if self.cp > 1 and model.position_embedding_type == "rope":
+            raise ConfigError(
+                f"model.position_embedding_type: 'rope' at parallel.cp={self.cp}; no layer of "
+                f"{model.pattern!r} uses it, and megatron-core 0.16.1 splits the rotary table "
+                "over context-parallel ranks on CUDA only; set it to 'none'"
+            )
+        groups = model.mamba_num_groups // tp
+        if model.has("M") and self.cp > 1 and groups % self.cp and self.cp % groups:
+            raise ConfigError(
+                f"model.mamba_num_groups: {groups} groups per TP rank and parallel.cp={self.cp} "
+                "must divide one another (megatron-core's Mamba context parallelism)"
             )
         for field, value, size, applies in checks:
             if applies and value % size:
@@ -160,6 +186,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 0):
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
     )
     set_seed(seed)
@@ -181,3 +208,33 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def split_for_context_parallel(batch: dict[str, torch.Tensor], cp_group) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's part of ``batch`` (tensors ``[b, s, ...]``).
+
+    megatron-core's load-balanced split (``get_batch_on_this_cp_rank``): the sequence is cut
+    into ``2*cp`` chunks and rank ``r`` keeps chunks ``r`` and ``2*cp-1-r``, the layout that
+    megatron-core's Mamba context parallelism undoes and redoes around its all-to-all. The
+    batch is returned as is at cp=1; ``batch`` itself is never modified.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    cp = dist.get_world_size(cp_group) if dist.is_initialized() and cp_group is not None else 1
+    if cp == 1:
+        return batch
+    seq = batch["tokens"].shape[1]
+    if seq % (2 * cp):
+        raise ConfigError(
+            f"train.seq_length: {seq} is not divisible by 2*parallel.cp = {2 * cp} "
+            "(each context-parallel rank holds two equal chunks of every sequence)"
+        )
+    return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
+
+
+def loss_token_share(loss_mask: torch.Tensor, cp_group) -> torch.Tensor:
+    """This context-parallel rank's fraction of the loss tokens of the whole sequences."""
+    local = loss_mask.detach().sum().float()
+    total = local.clone()
+    dist.all_reduce(total, group=cp_group)
+    return local / total.clamp(min=1.0)

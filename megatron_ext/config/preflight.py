@@ -24,6 +24,9 @@ from megatron_ext.parallel import ParallelConfig
 PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent", "train-elastic"})
 """Recipes whose training steps run on megatron-core's pipeline schedules (``pp > 1``)."""
 
+CONTEXT_PARALLEL_RECIPES: frozenset[str] = frozenset({"train-parent"})
+"""Recipes whose steps split sequences over context-parallel ranks (``cp > 1``)."""
+
 READS_ANY_PP = frozenset({"importance", "model-info"})
 """Recipes that run unpipelined and read checkpoints saved at any ``pp``."""
 
@@ -43,12 +46,18 @@ def _model(cfg: DictConfig) -> HybridModelConfig | None:
 def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
     """Validate ``cfg.parallel`` for ``recipe``; returns it (``None`` without the group).
 
-    Raises :class:`ConfigError` naming the field: a layout the model cannot split into, or
-    ``parallel.pp > 1`` for a recipe that does not run pipeline stages.
+    Raises :class:`ConfigError` naming the field: a layout the model cannot split into,
+    ``parallel.pp > 1`` for a recipe that does not run pipeline stages, ``parallel.cp > 1``
+    for a recipe other than train-parent or with a sequence length it cannot split.
     """
     if "parallel" not in cfg:
         return None
     parallel = section(cfg, "parallel", ParallelConfig)
+    if parallel.cp > 1 and recipe not in CONTEXT_PARALLEL_RECIPES:
+        raise ConfigError(
+            f"parallel.cp: {parallel.cp} is not supported by {recipe} (only train-parent "
+            "splits sequences over context-parallel ranks); set 1"
+        )
     model = _model(cfg)
     if model is not None:
         parallel.check_model(model)
@@ -58,4 +67,12 @@ def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
         else:
             why = f"{recipe} does not run pipeline stages yet"
         raise ConfigError(f"parallel.pp: {parallel.pp} is not supported here ({why}); set 1")
+    if parallel.cp > 1:
+        train = cfg.get("train")
+        seq = train.get("seq_length") if train is not None else None
+        if seq is not None and int(seq) % (2 * parallel.cp):
+            raise ConfigError(
+                f"train.seq_length: {seq} is not divisible by 2*parallel.cp = "
+                f"{2 * parallel.cp} (each context-parallel rank holds two equal chunks)"
+            )
     return parallel

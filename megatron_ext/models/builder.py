@@ -76,6 +76,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         expert_model_parallel_size=parallel.ep,
         pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
         pipeline_dtype=dtype,
         sequence_parallel=parallel.use_sequence_parallel,
         params_dtype=dtype,

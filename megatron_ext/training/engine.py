@@ -43,6 +43,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_ext.compat.engine import gloo_optimizer_groups
+from megatron_ext.parallel import loss_token_share, split_for_context_parallel
 from megatron_ext.training.engine_config import EngineConfig
 from megatron_ext.training.pipeline import replicated_chunk
 from megatron_ext.training.recompute import apply_recompute
@@ -215,8 +216,16 @@ class Engine:
             self.side.train()
 
     def _forward_step_func(self, step: TrainStep):
+        cp_group = getattr(self.pgs, "cp", None)
+        cp = _size(cp_group)
+
         def forward_step(data_iterator, model):
-            return step.forward(model, next(data_iterator))
+            part = split_for_context_parallel(next(data_iterator), cp_group)
+            output, loss_func = step.forward(model, part)
+            if cp == 1:
+                return output, loss_func
+            share = loss_token_share(part["loss_mask"], cp_group)
+            return output, functools.partial(_context_parallel_loss, loss_func, share, cp)
 
         return forward_step
 
@@ -265,7 +274,9 @@ class Engine:
         )
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Average the per-micro-batch metrics, then over DP (on every rank).
+        """Average the per-micro-batch metrics, then over DP × CP (on every rank).
+
+        Each context-parallel rank's metrics are those of its part of the sequences.
 
         Under pipeline parallelism only the last stage computes the loss: its means are
         broadcast over the pipeline group first.
@@ -284,9 +295,11 @@ class Engine:
             return {}
         names = sorted(means)
         values = torch.tensor([means[n] for n in names], dtype=torch.float64)
-        if self.dp > 1:
-            dist.all_reduce(values, group=self.pgs.dp)
-            values /= self.dp
+        group = getattr(self.pgs, "dp_cp", None)
+        group = self.pgs.dp if group is None else group
+        if _size(group) > 1:
+            dist.all_reduce(values, group=group)
+            values /= _size(group)
         return dict(zip(names, values.tolist()))
 
     # ---- optimizer state, for checkpoints and the benchmark --------------------------------
@@ -307,6 +320,22 @@ class Engine:
     def reload_model_params(self) -> None:
         """Refresh the optimizer's fp32 main parameters from the model's (after a weight load)."""
         self.optimizer.reload_model_params()
+
+
+def _context_parallel_loss(
+    loss_func: LossFunc, share: torch.Tensor, cp: int, output: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A context-parallel rank's loss, weighted so that megatron's reductions give the mean.
+
+    ``loss_func`` gives the mean over this rank's loss tokens; ``share`` is their fraction of
+    the sequences' loss tokens. megatron's schedule multiplies a two-output loss by ``cp`` and
+    DDP averages gradients over DP × CP, so ``share * mean`` makes the gradient that of the
+    mean over every token of the sequences (exactly, whatever the mask). Metrics are averaged
+    over DP × CP by :meth:`Engine._mean_metrics`, hence ``cp * share * metric``.
+    """
+    loss, metrics = loss_func(output)
+    scaled = {name: value * (share * cp) for name, value in metrics.items()}
+    return loss * share, scaled
 
 
 def lm_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, LossFunc]:

@@ -90,7 +90,7 @@ def test_pipeline_stages_must_split_the_layers_evenly():
     with pytest.raises(ConfigError, match=r"parallel\.pp: the 8 layers .* 3 pipeline stages"):
         ParallelConfig(nproc=3, pp=3).check_model(model)
     ParallelConfig(nproc=4, pp=4).check_model(model)  # 2 layers per stage
-    with pytest.raises(ConfigError, match=r"parallel\.nproc: must be a multiple of tp\*pp = 4"):
+    with pytest.raises(ConfigError, match=r"parallel\.nproc: must be a multiple of tp\*pp\*cp = 4"):
         ParallelConfig(nproc=2, tp=2, pp=2)
 
 
