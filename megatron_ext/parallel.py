@@ -33,6 +33,7 @@ class ModelShape(Protocol):
     mamba_num_heads: int
     mamba_num_groups: int
     num_experts: int
+    position_embedding_type: str
 
     @property
     def num_layers(self) -> int:
