@@ -252,6 +252,9 @@ _ADVICE = {
     "teacher": "raise parallel.tp or parallel.pp, or keep the teacher in bf16 ({s}.precision=bf16)",
     "activations": "set {s}.recompute=full, lower the micro-batch size or the micro-batches "
     "in flight ({s}.global_batch_size), or raise parallel.tp (sequence parallel)",
+    "activations_no_full_recompute": "lower the micro-batch size or the micro-batches in flight "
+    "({s}.global_batch_size), or raise parallel.tp (sequence parallel) "
+    "({s}.recompute=full is refused: it would run the router's gates through a nested backward)",
     "backward": "raise parallel.tp (sequence parallel) or parallel.cp, or lower the micro-batch "
     "size",
     "kd_chunk": "lower {s}.kd_chunk_size (0 = whole logits), or raise parallel.tp",
@@ -275,6 +278,8 @@ def check_fits(inp: PlanInputs, plans: list[StagePlan]) -> None:
         advice = big
         if big == "optimizer" and inp.distributed_optimizer:
             advice = "optimizer_sharded"
+        if big == "activations" and inp.section == "elastic_train":
+            advice = "activations_no_full_recompute"
         raise ConfigError(
             f"cluster.gpu_memory_gb: stage {plan.name!r} (seq {plan.seq_length}) needs "
             f"{total / GIB:.1f} GiB per rank on pipeline stage {worst}, over the "

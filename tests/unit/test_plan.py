@@ -96,6 +96,20 @@ def test_a_run_over_the_gpu_memory_is_refused_naming_the_component_and_the_fix()
     check_fits(_inputs(gpu_memory_gb=1.0), plan_memory(_inputs(gpu_memory_gb=1.0)))
 
 
+@pytest.mark.parametrize(
+    ("section", "fix"),
+    [("elastic_train", "lower the micro-batch size"), ("train", "train.recompute=full")],
+)
+def test_the_activation_advice_names_only_fixes_the_recipe_accepts(section, fix):
+    inp = _inputs(gpu_memory_gb=0.05, stages=[StageLength("long", 4096, steps=1)], section=section)
+    with pytest.raises(ConfigError, match="activations") as err:
+        check_fits(inp, plan_memory(inp))
+    advice = str(err.value).split("): ", 1)[1]
+    assert advice.startswith(fix) or f"set {fix}" in advice, advice
+    if section == "elastic_train":  # the engine refuses elastic_train.recompute=full
+        assert "set elastic_train.recompute=full" not in advice
+
+
 def test_the_meter_counts_live_storages_views_once_and_their_release():
     meter = LiveTensorMeter()
     with meter:
