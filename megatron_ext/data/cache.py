@@ -32,7 +32,8 @@ def dataset_prefix(cfg: DataConfig) -> Path:
     A ``files`` corpus is keyed by its folder and file settings, a generated ``arithmetic``
     one by its generator settings (the fields the other source ignores stay out of the key).
     """
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "source", "arithmetic")}
+    unkeyed = ("cache_dir", "source", "arithmetic", "min_seq_length")
+    key = {k: v for k, v in asdict(cfg).items() if k not in unkeyed}
     if cfg.source == "arithmetic":
         key = {"arithmetic": asdict(cfg.arithmetic), "format": FORMAT_VERSION}
         key |= {"name": cfg.name, "tokenizer": cfg.tokenizer, "tokenizer_path": cfg.tokenizer_path}

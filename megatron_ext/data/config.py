@@ -32,6 +32,10 @@ class DataConfig:
     valid_fraction: float = 0.05
     max_files: int = 0
     max_bytes: int = 0
+    # prepare-data refuses a split with fewer tokens than one sequence of this length (plus
+    # the shifted label); 0 checks only that no split is empty. Training checks its own
+    # seq_length. Not part of the dataset's cache key: it does not change the dataset.
+    min_seq_length: int = 0
     arithmetic: ArithmeticConfig = default_factory_field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:
@@ -49,3 +53,4 @@ class DataConfig:
         require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
         require(self.max_files >= 0, "data.max_files", "must be >= 0 (0 = no limit)")
         require(self.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = no limit)")
+        require(self.min_seq_length >= 0, "data.min_seq_length", "must be >= 0 (0 = no check)")

@@ -29,6 +29,22 @@ class DataError(RuntimeError):
     """The corpus gives no usable dataset (a split is empty or too short); names the split."""
 
 
+def check_split_lengths(meta: dict, seq_length: int, field: str) -> None:
+    """Raise :class:`DataError` if a split of ``meta`` holds fewer tokens than one sequence.
+
+    A sequence of ``seq_length`` needs ``seq_length + 1`` tokens (the labels are shifted by
+    one); ``field`` is the setting named in the message.
+    """
+    for split in ("train", "valid"):
+        tokens = meta[f"{split}_tokens"]
+        if tokens < seq_length + 1:
+            raise DataError(
+                f"the {split} split of {meta['train_prefix'].rsplit('_train_', 1)[0]} has "
+                f"{tokens} tokens, fewer than one sequence ({field}={seq_length} + 1); use "
+                "more data or a shorter sequence"
+            )
+
+
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 """Directory names whose contents are never read."""
 

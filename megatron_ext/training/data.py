@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron_ext.data.cache import ensure_prepared, tokenizer_for
 from megatron_ext.data.config import DataConfig
 from megatron_ext.data.loader import BatchIterator, build_gpt_dataset
-from megatron_ext.data.prepare import DataError
+from megatron_ext.data.prepare import check_split_lengths
 from megatron_ext.training.config import TrainConfig
 
 
@@ -22,13 +22,7 @@ def build_batches(
     per ``next``); TP/EP ranks of one DP replica read the same samples.
     """
     meta = ensure_prepared(data, seed=seed)
-    for split in ("train", "valid"):
-        if meta[f"{split}_tokens"] < train.seq_length + 1:
-            raise DataError(
-                f"the {split} split of {meta['train_prefix'].rsplit('_train_', 1)[0]} has "
-                f"{meta[f'{split}_tokens']} tokens, fewer than one sequence "
-                f"(seq_length={train.seq_length} + 1); use more data or a shorter sequence"
-            )
+    check_split_lengths(meta, train.seq_length, "seq_length")
     tokenizer = tokenizer_for(data)
     dp_rank = dist.get_rank(pg_collection.dp) if dist.is_initialized() else 0
     dp_size = dist.get_world_size(pg_collection.dp) if dist.is_initialized() else 1

@@ -92,3 +92,24 @@ def test_a_split_shorter_than_one_sequence_is_refused_before_training(tmp_path):
     pgs = init_distributed(ParallelConfig())
     with pytest.raises(DataError, match=r"fewer than one sequence \(seq_length=64"):
         build_batches(data, TrainConfig(seq_length=64, micro_batch_size=1), pgs, seed=1)
+
+
+def test_prepare_data_refuses_a_split_shorter_than_one_sequence(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):  # four 40-byte files: each split far below a 4096-token sequence
+        (corpus / f"f{i}.py").write_text(f"x_{i} = {i}\n" * 5)
+    args = [
+        "prepare-data",
+        f"data.source_dir={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.valid_fraction=0.5",
+        "data.name=short",
+    ]
+    code = main([*args, f"run.dir={tmp_path / 'long'}", "data.min_seq_length=4096"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("data error:")
+    assert "fewer than one sequence (data.min_seq_length=4096 + 1)" in err[-1]
+    # the same corpus passes a sequence it can fill, and reuses the cached dataset
+    assert main([*args, f"run.dir={tmp_path / 'short'}", "data.min_seq_length=8"]) == 0
