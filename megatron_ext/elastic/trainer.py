@@ -29,7 +29,7 @@ from megatron_ext.elastic.step import ElasticStep, teacher_hidden_states
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.training.engine import Engine
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
-from megatron_ext.training.preemption import Preempted, PreemptionHandler
+from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
 from megatron_ext.training.state import capture_rng, restore_rng
 
 Batch = dict[str, torch.Tensor]
@@ -239,14 +239,7 @@ class ElasticTrainer:
                 self.engine.train()
             if log is not None and (done % self.cfg.log_interval == 0 or val):
                 log(done, {**interval.flush(), **val})  # means over the interval
-            saved = done % self.cfg.save_interval == 0 or done == end
-            if checkpoint is not None and saved:
-                checkpoint(done, self.state(done))
-            if preemption is not None and preemption.requested() and done < end:
-                if checkpoint is not None and not saved:
-                    checkpoint(done, self.state(done))
-                bar.close()
-                raise Preempted(done, preemption.signum)
+            save_or_stop(done, end, self.cfg.save_interval, checkpoint, self.state, preemption, bar)
         bar.close()
         return self.history
 

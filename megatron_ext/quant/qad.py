@@ -44,7 +44,7 @@ from megatron_ext.models.config import require
 from megatron_ext.quant.config import QADConfig
 from megatron_ext.runtime import is_main
 from megatron_ext.training.engine import Engine
-from megatron_ext.training.preemption import Preempted, PreemptionHandler
+from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
 from megatron_ext.training.state import capture_rng, restore_rng
 
 Budgets = Mapping[str, Mapping[str, int]]
@@ -265,14 +265,7 @@ def train_qad(
         )
         bar.set_postfix(budget=name, kd=f"{kd:.4f}")
         done = step + 1
-        saved = done % cfg.save_interval == 0 or done == cfg.steps
-        if checkpoint is not None and saved:
-            checkpoint(done, extra(done))
-        if preemption is not None and preemption.requested() and done < cfg.steps:
-            if checkpoint is not None and not saved:
-                checkpoint(done, extra(done))
-            bar.close()
-            raise Preempted(done, preemption.signum)
+        save_or_stop(done, cfg.steps, cfg.save_interval, checkpoint, extra, preemption, bar)
     bar.close()
     student_ctrl.set_full()
     if teacher_ctrl is not None:

@@ -17,7 +17,7 @@ from megatron_ext.training.engine import Engine, LMStep, TrainStep
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import lr_at
 from megatron_ext.training.pipeline import lm_forward_step, run_schedule
-from megatron_ext.training.preemption import Preempted, PreemptionHandler
+from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
 from megatron_ext.training.state import capture_rng, restore_rng
 
 Batch = dict[str, torch.Tensor]
@@ -181,14 +181,7 @@ def train(
         )
         if log is not None and ((step + 1) % cfg.log_interval == 0 or val_metrics):
             log(step + 1, {**interval.flush(), **val_metrics})  # means over the interval
-        saved = (step + 1) % cfg.save_interval == 0 or step + 1 == end
-        if checkpoint is not None and saved:
-            checkpoint(step + 1, extra(step + 1))
-        if preemption is not None and preemption.requested() and step + 1 < end:
-            if checkpoint is not None and not saved:
-                checkpoint(step + 1, extra(step + 1))
-            bar.close()
-            raise Preempted(step + 1, preemption.signum)
+        save_or_stop(step + 1, end, cfg.save_interval, checkpoint, extra, preemption, bar)
     bar.close()
     final_train = history.train[-1][1] if history.train else float("nan")
     val_loss = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -106,3 +107,28 @@ class PreemptionHandler:
         tb: TracebackType | None,
     ) -> None:
         self.uninstall()
+
+
+def save_or_stop(
+    done: int,
+    end: int,
+    save_interval: int,
+    checkpoint: Callable[[int, dict[str, Any]], object] | None,
+    state: Callable[[int], dict[str, Any]],
+    preemption: PreemptionHandler | None,
+    bar: Any,
+) -> None:
+    """After step ``done`` of ``end``: the checkpoint cadence every training loop shares.
+
+    Saves ``state(done)`` every ``save_interval`` steps and at the end. On a preemption signal
+    agreed by every rank before the last step, saves (unless it just did), closes ``bar`` and
+    raises :class:`Preempted` with the step reached.
+    """
+    saved = done % save_interval == 0 or done == end
+    if checkpoint is not None and saved:
+        checkpoint(done, state(done))
+    if preemption is not None and preemption.requested() and done < end:
+        if checkpoint is not None and not saved:
+            checkpoint(done, state(done))
+        bar.close()
+        raise Preempted(done, preemption.signum)
