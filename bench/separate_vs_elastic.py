@@ -36,7 +36,6 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from megatron_ext.checkpoint import CheckpointManager  # noqa: E402
 from megatron_ext.compat.engine import apply_engine_shims  # noqa: E402
@@ -55,6 +54,7 @@ from megatron_ext.models.builder import build_model, causal_mask  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 from megatron_ext.report import format_table  # noqa: E402
+from megatron_ext.run_format import SUMMARY, checkpoints_dir, read_config, read_summary  # noqa: E402
 from megatron_ext.training.data import build_batches  # noqa: E402
 from megatron_ext.training.engine import Engine  # noqa: E402
 from megatron_ext.training.engine_config import EngineConfig  # noqa: E402
@@ -112,16 +112,16 @@ def distill(student, teacher, stages, data, train: ElasticTrainConfig, pgs) -> i
 
 def main() -> None:
     run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/elastic")
-    if not (run / "summary.json").exists():
+    if not (run / SUMMARY).exists():
         sys.exit(f"{run} is not a finished train-elastic run (no summary.json)")
-    cfg = OmegaConf.load(run / "config.yaml")
+    cfg = read_config(run)
     elastic = section(cfg, "elastic", ElasticConfig)
     data = section(cfg, "data", DataConfig)
     seed = section(cfg, "run", RunConfig).seed
     train = section(cfg, "elastic_train", ElasticTrainConfig)
     curriculum = section(cfg, "curriculum", CurriculumConfig)
     dp = section(cfg, "parallel", ParallelConfig).dp
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     index = len(elastic.budgets) - 1
     budget = elastic.budgets[index].name
     widths = load_choices(run)[budget]  # type: ignore[index]
@@ -165,9 +165,9 @@ def main() -> None:
 
     elastic_cfg = load_model_config(run)
     model = build_model(elastic_cfg, ParallelConfig(), pgs, backend=cfg.model_backend)
-    ckpts = CheckpointManager(run / "checkpoints", pgs)
+    ckpts = CheckpointManager(checkpoints_dir(run), pgs)
     ckpts.load(ckpts.latest_valid(), model, weights_only=True)
-    ctrl = ElasticController(elastic_cfg, StripeLayout.load(run / "checkpoints"), mode="masked")
+    ctrl = ElasticController(elastic_cfg, StripeLayout.load(checkpoints_dir(run)), mode="masked")
     convert_to_elastic(model, ctrl)
     elastic_loss = evaluate_at(model, ctrl, widths, valid, pgs)
     elastic_summary = summary["budgets"][budget]["val_loss"]

@@ -23,6 +23,7 @@ from megatron_ext.elastic.slicing import sliced_config  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 from megatron_ext.report import format_table  # noqa: E402
+from megatron_ext.run_format import MODEL_CONFIG  # noqa: E402
 from megatron_ext.training.data import build_batches  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -31,7 +32,7 @@ SEEDS = (0, 1, 2)
 
 def main() -> None:
     parent = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/parent")
-    if not (parent / "model_config.json").exists():
+    if not (parent / MODEL_CONFIG).exists():
         sys.exit(f"{parent} is not a train-parent run; run `make demo` first")
     parent_cfg = compose_recipe("train_parent", [])  # the demo's data and seed
     saved = compose_recipe("train_parent", [f"data.cache_dir={parent.parent.parent / 'data'}"])

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from megatron_ext.run_format import save_config
 
 
 def is_main() -> bool:
@@ -25,7 +27,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str) -> Path:
     path = Path(run_dir)
     if is_main():
         path.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+        save_config(path, cfg)
     if dist.is_initialized():
         dist.barrier()
     return path

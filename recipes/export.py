@@ -21,6 +21,7 @@ from megatron_ext.export.tokenizer import source_data_config
 from megatron_ext.models.config import ConfigError
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, write_summary
+from megatron_ext.run_format import checkpoints_dir
 from megatron_ext.runtime import main_print, prepare_run_dir
 
 
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
         "exports": [r.as_dict() for r in results],
     }
     if cfg.sizes.separate:
-        latest = CheckpointManager(source_dir / "checkpoints", pgs).latest_valid()
+        latest = CheckpointManager(checkpoints_dir(source_dir), pgs).latest_valid()
         if latest is None:
             raise CheckpointError(f"source.dir: no valid checkpoint under {source_dir}")
         every = requested_widths(elastic, model_cfg, "all", {}, chosen)

@@ -12,10 +12,10 @@ from megatron_ext.config.compose import section, to_plain
 from megatron_ext.config.schema import DataConfig, RunConfig
 from megatron_ext.export import ExportError
 from megatron_ext.export.hf.import_run import ImportHFConfig, check_importable, import_hf
-from megatron_ext.export.tokenizer import TOKENIZER_JSON
 from megatron_ext.models.config import ConfigError
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import key_value_table, write_summary
+from megatron_ext.run_format import TOKENIZER, checkpoints_dir
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
 
 
@@ -28,12 +28,12 @@ def run(cfg: DictConfig) -> dict:
     except ExportError as err:
         raise ConfigError(f"hf.dir: {err}") from err
     run_dir = Path(run_cfg.dir)
-    if CheckpointManager(run_dir / "checkpoints", None).latest_valid() is not None:
+    if CheckpointManager(checkpoints_dir(run_dir), None).latest_valid() is not None:
         raise ConfigError(f"run.dir: {run_dir} already holds a checkpoint; choose a new run.dir")
     pgs = init_distributed(ParallelConfig())  # the checkpoint is written unsharded (TP=1)
     set_seed(run_cfg.seed)
     result = import_hf(hf_cfg.dir, run_dir, pgs, backend=str(cfg.model_backend))
-    data = DataConfig(tokenizer="hf", tokenizer_path=str(run_dir.resolve() / TOKENIZER_JSON))
+    data = DataConfig(tokenizer="hf", tokenizer_path=str(run_dir.resolve() / TOKENIZER))
     saved = to_plain(cfg)
     saved["model"] = dataclasses.asdict(result.model)
     if result.tokenizer is not None:

@@ -12,7 +12,6 @@ copied into ``iter_0000000``, outside its manifest, for readers given that direc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,23 @@ from megatron_ext.elastic.reorder import (
     compute_permutations,
     layout_record,
     permutations_to_json,
-    write_elastic_layout,
 )
 from megatron_ext.models.builder import build_model, causal_mask
 from megatron_ext.models.config import ConfigError, HybridModelConfig, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, key_value_table, write_summary
+from megatron_ext.run_format import (
+    CONFIG,
+    ELASTIC_LAYOUT,
+    PERMUTATIONS,
+    SCORES,
+    checkpoints_dir,
+    config_path,
+    read_config,
+    save_torch,
+    write_elastic_layout,
+    write_json,
+)
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
@@ -45,10 +55,10 @@ TABLE_LAYERS = 3  # layers shown per axis in the printed table (summary.json has
 
 def _parent_model(cfg: DictConfig, parent_dir: Path) -> HybridModelConfig:
     """The parent's model shape from its ``config.yaml`` (else this config's ``model``)."""
-    path = parent_dir / "config.yaml"
+    path = config_path(parent_dir)
     if not path.is_file():
-        raise ConfigError(f"parent.dir: {parent_dir} has no config.yaml (not a train-parent run)")
-    parent = OmegaConf.load(path)
+        raise ConfigError(f"parent.dir: {parent_dir} has no {CONFIG} (not a train-parent run)")
+    parent = read_config(parent_dir)
     if not isinstance(parent, DictConfig):
         raise ConfigError(f"parent.dir: {path} is not a mapping")
     if "model" not in parent:
@@ -118,10 +128,11 @@ def run(cfg: DictConfig) -> dict:
         )
     set_seed(run_cfg.seed)
     model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
-    source = CheckpointManager(parent_dir / "checkpoints", pgs).latest_valid()
+    parent_root = checkpoints_dir(parent_dir)
+    source = CheckpointManager(parent_root, pgs).latest_valid()
     if source is None:
-        raise CheckpointError(f"parent.dir: no valid checkpoint under {parent_dir / 'checkpoints'}")
-    CheckpointManager(parent_dir / "checkpoints", pgs).load(source, model, weights_only=True)
+        raise CheckpointError(f"parent.dir: no valid checkpoint under {parent_root}")
+    CheckpointManager(parent_root, pgs).load(source, model, weights_only=True)
     main_print(f"scoring {source} on {imp.calib_batches} batches per data-parallel rank")
     calibration = [next(batches) for _ in range(imp.calib_batches)]
     result = compute_importance(model, calibration, pgs, progress=True)
@@ -142,14 +153,14 @@ def run(cfg: DictConfig) -> dict:
         )
         pgs = init_distributed(parallel)
         model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
-        CheckpointManager(parent_dir / "checkpoints", pgs).load(source, model, weights_only=True)
+        CheckpointManager(parent_root, pgs).load(source, model, weights_only=True)
     model.eval()
     reference = _logits(model, check[0])
     apply_permutations(model, perms)
     diff = torch.tensor([float((_logits(model, check[0]) - reference).abs().max())])
     if dist.is_initialized():
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    out = CheckpointManager(run_dir / "checkpoints", pgs)
+    out = CheckpointManager(checkpoints_dir(run_dir), pgs)
     saved = out.save(0, model, None, {"parent_checkpoint": str(source), "importance": True})
     record = layout_record(
         perms, imp.stripe_tp, imp.stripe_ep, parent_checkpoint=str(source), checkpoint=str(saved)
@@ -163,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
         "parent": str(parent_dir),
         "parent_checkpoint": str(source),
         "checkpoint": str(saved),
-        "elastic_layout": str(run_dir / "checkpoints" / "elastic_layout.json"),
+        "elastic_layout": str(checkpoints_dir(run_dir) / ELASTIC_LAYOUT),
         "calib_batches": result.batches,
         "tokens": result.tokens,
         "seq_length": imp.seq_length,
@@ -180,15 +191,13 @@ def run(cfg: DictConfig) -> dict:
     }
     if is_main():
         save_model_config(model_cfg, run_dir)
-        write_elastic_layout(run_dir / "checkpoints", record)  # beside the checkpoint
+        write_elastic_layout(checkpoints_dir(run_dir), record)  # beside the checkpoint
         write_elastic_layout(saved, record)  # and in it (not in its manifest)
-        torch.save({a: dict(layers) for a, layers in result.scores.items()}, run_dir / "scores.pt")
-        (run_dir / "permutations.json").write_text(
-            json.dumps(
-                {"tp": imp.stripe_tp, "ep": imp.stripe_ep, "axes": permutations_to_json(perms)},
-                sort_keys=True,
-            )
-            + "\n"
+        save_torch(run_dir / SCORES, {a: dict(layers) for a, layers in result.scores.items()})
+        write_json(
+            run_dir / PERMUTATIONS,
+            {"tp": imp.stripe_tp, "ep": imp.stripe_ep, "axes": permutations_to_json(perms)},
+            sort_keys=True,
         )
         write_summary(run_dir, summary)
     tracker = Tracker(

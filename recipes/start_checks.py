@@ -21,6 +21,7 @@ from megatron_ext.elastic.curriculum import CurriculumConfig
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.models.config import ConfigError, HybridModelConfig, load_model_config
 from megatron_ext.parallel import ParallelConfig
+from megatron_ext.run_format import MODEL_CONFIG, checkpoints_dir
 
 TRAINING = ("train_parent", "train_elastic", "qad")
 """Config names of the recipes that resume from their own checkpoints."""
@@ -47,12 +48,11 @@ def _existing_dir(cfg: DictConfig, key: str, what: str) -> Path | None:
 
 def _has_valid_checkpoint(key: str, run_dir: Path) -> None:
     """Raise ``CheckpointError`` when ``run_dir/checkpoints`` holds checkpoints, none valid."""
-    found, bad = CheckpointManager(run_dir / "checkpoints", None).scan()
+    root = checkpoints_dir(run_dir)
+    found, bad = CheckpointManager(root, None).scan()
     if found is None and bad:
         listing = "; ".join(f"{path.name}: {why}" for path, why in bad)
-        raise CheckpointError(
-            f"{key}: no valid checkpoint under {run_dir / 'checkpoints'} ({listing})"
-        )
+        raise CheckpointError(f"{key}: no valid checkpoint under {root} ({listing})")
 
 
 def _model_of(cfg: DictConfig, name: str) -> HybridModelConfig | None:
@@ -60,7 +60,7 @@ def _model_of(cfg: DictConfig, name: str) -> HybridModelConfig | None:
     if "model" in cfg:
         return section(cfg, "model", HybridModelConfig)
     source = Path(str(cfg.source.dir)) if "source" in cfg and cfg.source.get("dir") else None
-    if source is not None and (source / "model_config.json").is_file():
+    if source is not None and (source / MODEL_CONFIG).is_file():
         return load_model_config(source)
     return None
 
@@ -101,5 +101,5 @@ def check_before_start(name: str, cfg: DictConfig) -> None:
         curriculum = section(cfg, "curriculum", CurriculumConfig)
         curriculum.resolve(train.micro_batch_size * parallel.dp, budgets)
     if name in TRAINING and run is not None and run.resume:
-        root = Path(run.dir) / "checkpoints"
+        root = checkpoints_dir(run.dir)
         CheckpointManager(root, None).check_resumable(run.restart_from_scratch)

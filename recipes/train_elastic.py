@@ -29,6 +29,7 @@ from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import ConfigError, load_model_config, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed
 from megatron_ext.report import format_table, write_summary
+from megatron_ext.run_format import MODEL_CONFIG, checkpoints_dir
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
@@ -37,12 +38,10 @@ from megatron_ext.training.engine_config import EngineConfig, microbatches_per_s
 from megatron_ext.training.loop import evaluate
 from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 
-LAYOUT_DIR = "checkpoints"
-
 
 def _ensure_importance(cfg: DictConfig, source: Path) -> None:
     """Run the importance recipe on ``parent.dir`` when ``source.dir`` has no checkpoint yet."""
-    if (source / "model_config.json").exists() or not cfg.parent.dir:
+    if (source / MODEL_CONFIG).exists() or not cfg.parent.dir:
         return
     from recipes import importance
 
@@ -53,10 +52,10 @@ def _ensure_importance(cfg: DictConfig, source: Path) -> None:
 
 
 def _load(model_cfg, parallel, pgs, source: Path, backend: str) -> torch.nn.Module:
-    ckpts = CheckpointManager(source / LAYOUT_DIR, pgs)
+    ckpts = CheckpointManager(checkpoints_dir(source), pgs)
     latest = ckpts.latest_valid()
     if latest is None:
-        raise CheckpointError(f"source.dir: no valid checkpoint under {source / LAYOUT_DIR}")
+        raise CheckpointError(f"source.dir: no valid checkpoint under {checkpoints_dir(source)}")
     model = build_model(model_cfg, parallel, pgs, backend=backend, initialize=False)
     ckpts.load(latest, model, weights_only=True)
     return model
@@ -127,10 +126,10 @@ def run(cfg: DictConfig) -> dict:
     model_cfg = load_model_config(source)
     elastic.validate_for(model_cfg, parallel)
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
-    stripes = StripeLayout.load(source / LAYOUT_DIR)
+    stripes = StripeLayout.load(checkpoints_dir(source))
     if DEPTH in elastic.axes and len(stripes.layer_order) != model_cfg.num_layers:
         raise ConfigError(
-            f"elastic.axes.{DEPTH}: {source / LAYOUT_DIR} ranks no layers; rerun importance "
+            f"elastic.axes.{DEPTH}: {checkpoints_dir(source)} ranks no layers; rerun importance "
             "with importance.depth_batches >= 1, or drop the depth axis"
         )
 
@@ -183,7 +182,7 @@ def run(cfg: DictConfig) -> dict:
         if router_cfg.budget_tolerance > 0
         else None,
     )
-    ckpts = CheckpointManager(run_dir / LAYOUT_DIR, pgs)
+    ckpts = CheckpointManager(checkpoints_dir(run_dir), pgs)
     start = 0
     latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
     if latest is not None:
@@ -276,7 +275,7 @@ def _report(
     if is_main():
         save_model_config(model_cfg, run_dir)
         save_choices(run_dir, choices)
-        stripes.save(run_dir / LAYOUT_DIR)
+        stripes.save(checkpoints_dir(run_dir))
         write_summary(run_dir, summary)
         plot_budgets(figures, parent_loss, run_dir / "budgets.png", f"elastic {model_cfg.name}")
     rows = [

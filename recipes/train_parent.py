@@ -13,6 +13,7 @@ from megatron_ext.models.config import ConfigError, HybridModelConfig, save_mode
 from megatron_ext.models.params import count_parameters
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import key_value_table, plot_loss_curves, write_summary
+from megatron_ext.run_format import checkpoints_dir
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
 from megatron_ext.training.data import build_batches
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
     raw_model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
     engine = Engine([raw_model], engine_cfg, pgs, seq_length=train_cfg.seq_length)
     model, optimizer = engine.model, engine.optimizer
-    ckpts = CheckpointManager(run_dir / "checkpoints", pgs)
+    ckpts = CheckpointManager(checkpoints_dir(run_dir), pgs)
     resume = None
     latest = ckpts.resume_point(run_cfg.restart_from_scratch) if run_cfg.resume else None
     if latest is not None:

@@ -14,12 +14,12 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.compose import section
 from megatron_ext.models.config import (
-    MODEL_CONFIG_FILE,
     ConfigError,
     HybridModelConfig,
     load_model_config,
 )
 from megatron_ext.parallel import ParallelConfig
+from megatron_ext.run_format import MODEL_CONFIG
 
 PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent", "train-elastic"})
 """Recipes whose training steps run on megatron-core's pipeline schedules (``pp > 1``)."""
@@ -36,7 +36,7 @@ def _model(cfg: DictConfig) -> HybridModelConfig | None:
     for group in ("source", "parent"):
         node = cfg.get(group)
         directory = node.get("dir") if node is not None else None
-        if directory and (Path(str(directory)) / MODEL_CONFIG_FILE).is_file():
+        if directory and (Path(str(directory)) / MODEL_CONFIG).is_file():
             return load_model_config(str(directory))
     if "model" in cfg:
         return section(cfg, "model", HybridModelConfig)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from megatron_ext.run_format import has_config, read_config
+
 RUN_KEYS = ("source", "parent")
 """The config groups whose ``dir`` names the run a recipe reads, in order of precedence."""
 
@@ -38,14 +40,14 @@ def read_run(cfg: DictConfig) -> Path | None:
         if OmegaConf.is_missing(node, "dir"):
             continue
         value = node.get("dir")
-        if value and (Path(str(value)) / "config.yaml").is_file():
+        if value and has_config(str(value)):
             return Path(str(value))
     return None
 
 
 def saved_tokenizer(run_dir: Path) -> dict[str, str] | None:
     """``{"tokenizer", "tokenizer_path"}`` from ``run_dir/config.yaml``, if it records them."""
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = read_config(run_dir)
     data = saved.get("data") if isinstance(saved, DictConfig) else None
     if not isinstance(data, DictConfig) or "tokenizer" not in data:
         return None

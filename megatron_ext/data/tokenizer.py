@@ -23,6 +23,8 @@ from typing import Any
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_ext.run_format import TOKENIZER
+
 SPECIAL_TOKENS: tuple[str, ...] = ("<eod>", "<pad>", "<think>", "</think>")
 """Special tokens of :class:`ByteTokenizer`, with ids 256, 257, 258, 259 in this order."""
 
@@ -171,9 +173,9 @@ class HFJsonTokenizer(_TokenizerBase):
             ) from err
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
+            raise FileNotFoundError(f"no {TOKENIZER} at {path}")
         super().__init__(str(path), {"eod_token": eod_token, "pad_token": pad_token})
         self._tok = Tokenizer.from_file(str(path))
         self._vocab: dict[str, int] = self._tok.get_vocab(with_added_tokens=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
+from megatron_ext.run_format import BUDGET_CHOICES, read_json, write_json
 from megatron_ext.training.loop import evaluate
-
-CHOICES_FILE = "budget_choices.json"
 
 
 def evaluate_at(
@@ -57,9 +55,8 @@ def budget_figures(
 
 def save_choices(run_dir: str | Path, choices: Mapping[str, Mapping[str, int]]) -> Path:
     """Write the router's final deterministic widths per budget, for ``slice``/``export``."""
-    path = Path(run_dir) / CHOICES_FILE
-    path.write_text(json.dumps({k: dict(v) for k, v in choices.items()}, indent=1) + "\n")
-    return path
+    choices_json = {k: dict(v) for k, v in choices.items()}
+    return write_json(Path(run_dir) / BUDGET_CHOICES, choices_json, indent=1)
 
 
 def load_choices(run_dir: str | Path) -> dict[str, dict[str, int]] | None:
@@ -67,11 +64,11 @@ def load_choices(run_dir: str | Path) -> dict[str, dict[str, int]] | None:
 
     A file that is not ``{budget: {axis: int}}`` raises :class:`CheckpointError` naming it.
     """
-    path = Path(run_dir) / CHOICES_FILE
+    path = Path(run_dir) / BUDGET_CHOICES
     if not path.is_file():
         return None
     try:
-        choices = json.loads(path.read_text())
+        choices = read_json(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
     valid = isinstance(choices, dict) and all(

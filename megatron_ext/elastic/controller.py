@@ -19,7 +19,6 @@ Masks are built on the device of the tensor they apply to and cached per
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import Tensor
 from megatron_ext.elastic import layout
 from megatron_ext.elastic.config import AXIS_SOURCE, COMPUTE_MODES, DEPTH, ELASTIC_AXES
 from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.run_format import read_elastic_layout, write_elastic_layout
 
 NARROW_AXES: tuple[str, ...] = (
     "embedding",
@@ -45,7 +45,6 @@ NARROW_AXES: tuple[str, ...] = (
 """Axes that narrow compute slices (``depth``: a skipped layer is not run); the experts are
 masked in both modes (an inactive expert gets no tokens, so it costs nothing either way)."""
 
-LAYOUT_FILE = "elastic_layout.json"
 T = TypeVar("T")
 
 
@@ -79,17 +78,15 @@ class StripeLayout:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``elastic_layout.json`` (``{"tp": T, "ep": E, "layer_order": [...]}``)."""
-        path = Path(directory) / LAYOUT_FILE
         data: dict[str, object] = {"tp": self.tp, "ep": self.ep}
         if self.layer_order:
             data["layer_order"] = list(self.layer_order)
-        path.write_text(json.dumps(data) + "\n")
-        return path
+        return write_elastic_layout(directory, data)
 
     @classmethod
     def load(cls, directory: str | Path) -> StripeLayout:
         """Read ``elastic_layout.json`` from ``directory`` (no ``layer_order``: unranked)."""
-        data = json.loads((Path(directory) / LAYOUT_FILE).read_text())
+        data = read_elastic_layout(directory)
         order = tuple(int(i) for i in data.get("layer_order", ()))
         return cls(tp=int(data["tp"]), ep=int(data["ep"]), layer_order=order)
 

@@ -21,6 +21,7 @@ from megatron_ext.elastic.slicing import build_slice, slice_model
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import HybridModelConfig, load_model_config
 from megatron_ext.parallel import ParallelConfig
+from megatron_ext.run_format import checkpoints_dir
 from megatron_ext.training.loop import evaluate
 
 
@@ -64,7 +65,7 @@ def compare_orders(
     Runs at TP=1 (slicing reads unsharded weights).
     """
     model_cfg = load_model_config(parent_dir)
-    ckpts = CheckpointManager(parent_dir / "checkpoints", pg_collection)
+    ckpts = CheckpointManager(checkpoints_dir(parent_dir), pg_collection)
     source = ckpts.latest_valid()
     if source is None:
         raise CheckpointError(f"{parent_dir}: no valid checkpoint under checkpoints/")

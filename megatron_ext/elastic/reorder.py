@@ -15,8 +15,6 @@ that ends up at position ``e`` (after the ``moe_experts`` permutation).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +27,6 @@ Perms = dict[str, dict[int, Tensor]]
 """``axis -> {layer: permutation}`` (``embedding`` under layer ``-1``)."""
 
 EMBEDDING_LAYER = -1
-LAYOUT_FILE = "elastic_layout.json"
 
 
 def compute_permutations(
@@ -275,22 +272,3 @@ def layout_record(perms: Perms, stripe_tp: int, stripe_ep: int, **extra: Any) ->
         "permutations": permutations_to_json(perms),
         **extra,
     }
-
-
-def write_elastic_layout(directory: str | Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` to ``directory/elastic_layout.json`` atomically; return the path."""
-    path = Path(directory) / LAYOUT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_elastic_layout(checkpoint: str | Path) -> dict[str, Any]:
-    """The ``elastic_layout.json`` of a checkpoint: in its directory or the one above."""
-    checkpoint = Path(checkpoint)
-    for place in (checkpoint, checkpoint.parent):
-        if (place / LAYOUT_FILE).is_file():
-            return json.loads((place / LAYOUT_FILE).read_text())
-    raise FileNotFoundError(f"no {LAYOUT_FILE} in {checkpoint} or {checkpoint.parent}")

@@ -19,9 +19,8 @@ from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import ConfigError, HybridModelConfig, load_model_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.parallel import ParallelConfig
+from megatron_ext.run_format import checkpoints_dir, has_elastic_layout
 from megatron_ext.training.loop import evaluate
-
-LAYOUT_FILE = "elastic_layout.json"
 
 
 @dataclass
@@ -88,16 +87,14 @@ def widths_source(budget: str, chosen: dict[str, dict[str, int]] | None) -> str:
 def load_source(source_dir: Path, pg_collection, backend: str = "auto"):
     """The source run's model (TP=1), its stripe layout, and its model config."""
     model_cfg = load_model_config(source_dir)
-    ckpts = CheckpointManager(source_dir / "checkpoints", pg_collection)
+    root = checkpoints_dir(source_dir)
+    ckpts = CheckpointManager(root, pg_collection)
     latest = ckpts.latest_valid()
     if latest is None:
-        raise CheckpointError(f"source.dir: no valid checkpoint under {source_dir / 'checkpoints'}")
+        raise CheckpointError(f"source.dir: no valid checkpoint under {root}")
     model = build_model(model_cfg, ParallelConfig(), pg_collection, backend=backend)
     ckpts.load(latest, model, weights_only=True)
-    layout_dir = source_dir / "checkpoints"
-    stripes = (
-        StripeLayout.load(layout_dir) if (layout_dir / LAYOUT_FILE).exists() else StripeLayout()
-    )
+    stripes = StripeLayout.load(root) if has_elastic_layout(root) else StripeLayout()
     return model.eval(), stripes, model_cfg
 
 

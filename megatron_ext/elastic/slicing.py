@@ -36,14 +36,11 @@ from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import elastic_controller
 from megatron_ext.elastic.depth import kept_pattern
 from megatron_ext.models.config import (
-    MODEL_CONFIG_FILE,
     HybridModelConfig,
     load_model_config,
     save_model_config,
 )
 from megatron_ext.parallel import ParallelConfig
-
-MODEL_CONFIG = MODEL_CONFIG_FILE
 
 _EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)(?P<tail>\..*)$")
 _LAYER = re.compile(r"^(?P<head>decoder\.layers\.)(?P<i>\d+)(?P<tail>\..*)$")

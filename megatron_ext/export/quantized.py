@@ -52,7 +52,6 @@ from megatron_ext.export.hf import (
     write_hf_dir,
 )
 from megatron_ext.models.config import (
-    MODEL_CONFIG_FILE,
     HybridModelConfig,
     load_model_config,
 )
@@ -60,6 +59,7 @@ from megatron_ext.quant.formats import NVFP4_BLOCK, QTensor, quantize
 from megatron_ext.quant.numerics import pack_e2m1, unpack_e2m1
 from megatron_ext.quant.slicing import slice_quantized
 from megatron_ext.quant.state import apply_quant_state
+from megatron_ext.run_format import MODEL_CONFIG, QUANT_STATE, write_json
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 PRODUCER = "star-elastic"
@@ -167,7 +167,7 @@ def save_quantized_hf(
     tensors = quantized_hf_tensors(cfg, state, qstate)
     directory = write_hf_dir(directory, tensors, config, cfg, tokenizer)
     (directory / HF_QUANT_CONFIG).write_text(json.dumps(quant, indent=1) + "\n")
-    (directory / "quant_state.json").write_text(json.dumps(qstate, indent=1) + "\n")
+    write_json(directory / QUANT_STATE, qstate, indent=1)
     return directory
 
 
@@ -214,7 +214,7 @@ def load_quantized_hf(
     quant = json.loads((directory / HF_QUANT_CONFIG).read_text())["quantization"]
     fmt = _FORMAT[quant["quant_algo"]]
     hf = json.loads((directory / CONFIG_FILE).read_text())
-    if (directory / MODEL_CONFIG_FILE).is_file():
+    if (directory / MODEL_CONFIG).is_file():
         cfg = load_model_config(directory)
     else:
         cfg = model_config_from_hf(hf)

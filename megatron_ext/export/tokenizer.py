@@ -28,8 +28,8 @@ from megatron_ext.data.tokenizer import (
     HFJsonTokenizer,
     Tokenizer,
 )
+from megatron_ext.run_format import TOKENIZER, config_path, read_config
 
-TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 BYTE_KIND = "byte"
 
@@ -50,7 +50,7 @@ def write_megatron_tokenizer(tok: Tokenizer, directory: str | Path) -> list[Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(tok, HFJsonTokenizer):
-        return [Path(shutil.copyfile(tok.path, directory / TOKENIZER_JSON))]
+        return [Path(shutil.copyfile(tok.path, directory / TOKENIZER))]
     path = directory / TOKENIZER_CONFIG
     path.write_text(json.dumps(_byte_description(tok), indent=1) + "\n")
     return [path]
@@ -101,7 +101,7 @@ def write_hf_tokenizer(
     """``tokenizer.json`` plus a Hugging Face ``tokenizer_config.json`` (fast tokenizer)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / TOKENIZER_JSON
+    target = directory / TOKENIZER
     if isinstance(tok, HFJsonTokenizer):
         shutil.copyfile(tok.path, target)
     else:
@@ -129,14 +129,14 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("tokenizer_kind") == BYTE_KIND:
             return ByteTokenizer()
-    if (directory / TOKENIZER_JSON).is_file():
+    if (directory / TOKENIZER).is_file():
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         return HFJsonTokenizer(
-            directory / TOKENIZER_JSON,
+            directory / TOKENIZER,
             eod_token=cfg.get("eos_token"),
             pad_token=cfg.get("pad_token"),
         )
-    raise FileNotFoundError(f"{directory}: no {TOKENIZER_JSON} and no byte {TOKENIZER_CONFIG}")
+    raise FileNotFoundError(f"{directory}: no {TOKENIZER} and no byte {TOKENIZER_CONFIG}")
 
 
 def source_data_config(source_dir: str | Path, fallback: DataConfig) -> tuple[DataConfig, str]:
@@ -147,9 +147,9 @@ def source_data_config(source_dir: str | Path, fallback: DataConfig) -> tuple[Da
     """
     from omegaconf import DictConfig, OmegaConf
 
-    path = Path(source_dir) / "config.yaml"
+    path = config_path(source_dir)
     if path.is_file():
-        saved = OmegaConf.load(path)
+        saved = read_config(source_dir)
         if isinstance(saved, DictConfig) and isinstance(saved.get("data"), DictConfig):
             known = {f.name for f in dataclasses.fields(DataConfig)}
             values = OmegaConf.to_container(saved.data, resolve=True)

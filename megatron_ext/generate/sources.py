@@ -19,7 +19,8 @@ from torch import nn
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.generate.decode import CachedDecoder
-from megatron_ext.models.config import MODEL_CONFIG_FILE, ConfigError
+from megatron_ext.models.config import ConfigError
+from megatron_ext.run_format import MODEL_CONFIG, checkpoints_dir
 
 SOURCE_KINDS = ("auto", "elastic", "slices")
 
@@ -86,7 +87,7 @@ def source_kind(directory: Path, kind: str = "auto") -> str:
         return kind
     if (directory / "slices").is_dir():
         return "slices"
-    if (directory / "checkpoints").is_dir():
+    if checkpoints_dir(directory).is_dir():
         return "elastic"
     raise ConfigError(
         f"source.dir: {directory} has neither checkpoints/ (an elastic run) nor slices/ "
@@ -100,8 +101,8 @@ def slice_dirs(directory: Path, budgets: Sequence[str]) -> dict[str, Path]:
     found = {}
     for name in budgets:
         path = root / name
-        if not (path / MODEL_CONFIG_FILE).is_file():
-            known = sorted(p.parent.name for p in root.glob(f"*/{MODEL_CONFIG_FILE}"))
+        if not (path / MODEL_CONFIG).is_file():
+            known = sorted(p.parent.name for p in root.glob(f"*/{MODEL_CONFIG}"))
             raise ConfigError(f"source.dir: no slice {name!r} under {root}; found {known}")
         found[name] = path
     return found

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ext.errors import ConfigError as ConfigError
 from megatron_ext.errors import require as require
+from megatron_ext.run_format import MODEL_CONFIG, read_json, write_json
 
 CORE_ATTENTIONS = ("sdpa", "dot_product")
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -136,20 +136,14 @@ class HybridModelConfig:
         return self.mamba_num_heads * self.mamba_head_dim
 
 
-MODEL_CONFIG_FILE = "model_config.json"
-
-
 def save_model_config(cfg: HybridModelConfig, directory: str | Path) -> Path:
     """Write ``cfg`` as ``directory/model_config.json``: the shape of the checkpoints there."""
-    path = Path(directory) / MODEL_CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    return path
+    return write_json(Path(directory) / MODEL_CONFIG, dataclasses.asdict(cfg), indent=1)
 
 
 def load_model_config(directory: str | Path) -> HybridModelConfig:
     """Read ``directory/model_config.json``; the error names the directory if it is missing."""
-    path = Path(directory) / MODEL_CONFIG_FILE
+    path = Path(directory) / MODEL_CONFIG
     if not path.is_file():
-        raise ConfigError(f"{directory}: no {MODEL_CONFIG_FILE} (not a run that saved a model)")
-    return HybridModelConfig(**json.loads(path.read_text()))
+        raise ConfigError(f"{directory}: no {MODEL_CONFIG} (not a run that saved a model)")
+    return HybridModelConfig(**read_json(path))

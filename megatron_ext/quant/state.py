@@ -17,7 +17,6 @@ amax". A float32 number written as a JSON float reads back as the same float32 e
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ from torch import nn
 from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.quant.config import QuantConfig
 from megatron_ext.quant.convert import QuantRecord, convert_to_quantized, quant_record
-
-QUANT_STATE_FILE = "quant_state.json"
+from megatron_ext.run_format import QUANT_STATE, read_json, write_json
 
 ModuleScales = dict[str, dict[str, Any]]
 
@@ -60,19 +58,16 @@ def quant_state(model: nn.Module) -> dict[str, Any]:
 
 def save_quant_state(model: nn.Module, directory: str | Path) -> Path:
     """Write :func:`quant_state` of ``model`` to ``directory/quant_state.json``."""
-    path = Path(directory) / QUANT_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(quant_state(model), indent=1) + "\n")
-    return path
+    return write_json(Path(directory) / QUANT_STATE, quant_state(model), indent=1)
 
 
 def read_quant_state(directory: str | Path) -> dict[str, Any]:
     """The state :func:`save_quant_state` wrote into ``directory``."""
-    path = Path(directory) / QUANT_STATE_FILE
+    path = Path(directory) / QUANT_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no quantization state (is this a qad run dir?)")
     try:
-        state = json.loads(path.read_text())
+        state = read_json(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
     if not isinstance(state, dict) or not {"config", "modules"} <= state.keys():

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUMMARY = "summary.json"
+from megatron_ext.run_format import SUMMARY, checkpoints_dir, read_json
+
 MANIFEST = "manifest.json"
 LATEST = "latest.txt"
 OPTIMIZER_DIR = "rank_state/"  # per-rank optimizer, RNG and data state inside a checkpoint
@@ -34,7 +35,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | Missing:
     if not path.is_file():
         return Missing(path, "does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as err:
         return Missing(path, f"is unreadable ({err})")
     if not isinstance(data, dict):
@@ -77,7 +78,7 @@ def checkpoint_size(checkpoint: str | Path) -> CheckpointSize | None:
 
 def run_checkpoint_size(run_dir: str | Path) -> CheckpointSize | None:
     """Sizes of the newest checkpoint of a run (``<run_dir>/checkpoints``)."""
-    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    latest = latest_checkpoint(checkpoints_dir(run_dir))
     return checkpoint_size(latest) if latest is not None else None
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.generation_sections import budget_control_section, throughput_section
-from megatron_ext.report.inputs import SUMMARY
 from megatron_ext.report.markdown import PIPELINE_SCRIPT, Section, md_table
 from megatron_ext.report.model_sections import (
     checkpoint_section,
     loss_section,
     quantization_section,
 )
+from megatron_ext.run_format import SUMMARY
 
 REPORT_FILE = "REPORT.md"
 
@@ -43,7 +43,7 @@ def _inputs(cfg: ReportConfig) -> str:
         **{f"qad ({Path(d).name})": d for d in cfg.qad},
     }
     rows = [[name, f"`{d}`", (Path(d) / SUMMARY).is_file()] for name, d in dirs.items()]
-    return md_table(["stage", "run directory", "summary.json"], rows)
+    return md_table(["stage", "run directory", SUMMARY], rows)
 
 
 def build_report(cfg: ReportConfig, out_path: str | Path) -> list[Section]:

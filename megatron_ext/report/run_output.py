@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_ext import run_format
+
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write ``summary.json`` into ``run_dir`` (atomically) and return its path."""
-    path = Path(run_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return run_format.write_summary(run_dir, summary)
 
 
 def _cell(value: Any) -> str:

@@ -9,11 +9,11 @@ import torch
 
 from megatron_ext.checkpoint import MANIFEST, CheckpointError, CheckpointManager
 from megatron_ext.models.config import (
-    MODEL_CONFIG_FILE,
     ConfigError,
     HybridModelConfig,
     load_model_config,
 )
+from megatron_ext.run_format import MODEL_CONFIG, checkpoints_dir
 
 SHAPE_IGNORED = ("name",)
 """Model fields that may differ between the source run and the fine-tuning run."""
@@ -28,7 +28,7 @@ def resolve_init_checkpoint(source: str | Path, pg_collection) -> Path:
     path = Path(source)
     if (path / MANIFEST).is_file():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = checkpoints_dir(path) if checkpoints_dir(path).is_dir() else path
     latest = CheckpointManager(root, pg_collection).latest_valid()
     if latest is None:
         raise ConfigError(f"train.init_from: no valid checkpoint under {root}")
@@ -38,7 +38,7 @@ def resolve_init_checkpoint(source: str | Path, pg_collection) -> Path:
 def _source_model_config(checkpoint: Path) -> HybridModelConfig | None:
     """The model config saved beside ``checkpoint`` (in it, its root, or its run), if any."""
     for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (directory / MODEL_CONFIG_FILE).is_file():
+        if (directory / MODEL_CONFIG).is_file():
             return load_model_config(directory)
     return None
 

@@ -28,10 +28,11 @@ import torch.distributed as dist
 
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic, export
-from megatron_ext.elastic.slicing import MODEL_CONFIG, save_slice
+from megatron_ext.elastic.slicing import save_slice
 from megatron_ext.models.builder import build_model, causal_mask
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
+from megatron_ext.run_format import MODEL_CONFIG
 
 NPROC = 2
 SEQ, BATCH = 64, 2

@@ -44,8 +44,9 @@ from megatron_ext.export.hf import (
 from megatron_ext.export.megatron import load_megatron
 from megatron_ext.export.tokenizer import byte_tokenizer_json, load_tokenizer
 from megatron_ext.models.builder import build_model, causal_mask
-from megatron_ext.models.config import MODEL_CONFIG_FILE, HybridModelConfig
+from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, init_distributed, set_seed
+from megatron_ext.run_format import MODEL_CONFIG
 
 OWN_ATOL = 1e-6
 HF_ATOL = 1e-4
@@ -163,7 +164,7 @@ def test_megatron_export_reloads_to_identical_logits(model, pgs, slices, budget,
         pg_collection=pgs,
     )
     names = {p.name for p in result.path.iterdir()}
-    assert {"iter_0000000", MODEL_CONFIG_FILE, "tokenizer_config.json"} <= names
+    assert {"iter_0000000", MODEL_CONFIG, "tokenizer_config.json"} <= names
     assert result.files > 5 and result.bytes > 0
     assert json.loads((result.path / "tokenizer_config.json").read_text())["eod_id"] == 256
     assert isinstance(load_tokenizer(result.path), ByteTokenizer)
@@ -298,7 +299,7 @@ def test_hf_load_without_the_project_config_infers_the_shape(hf_dirs, pgs, slice
     target = tmp_path / "plain"
     target.mkdir()
     for f in (hf_dirs / "S").iterdir():
-        if f.name != MODEL_CONFIG_FILE:
+        if f.name != MODEL_CONFIG:
             (target / f.name).write_bytes(f.read_bytes())
     reloaded = load_hf(target, pgs).eval()
     assert max_diff(logits(reloaded), slices["S"][1]) <= OWN_ATOL

@@ -9,11 +9,11 @@ import pytest
 
 import launch.local
 from megatron_ext.checkpoint import CheckpointError, CheckpointManager
-from megatron_ext.elastic.budget_eval import CHOICES_FILE
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import HybridModelConfig, save_model_config
 from megatron_ext.parallel import ParallelConfig, init_distributed, set_seed
-from megatron_ext.quant.state import QUANT_STATE_FILE, read_quant_state
+from megatron_ext.quant.state import read_quant_state
+from megatron_ext.run_format import BUDGET_CHOICES, QUANT_STATE
 from recipes.cli import main
 
 
@@ -89,19 +89,19 @@ def test_a_corrupt_budget_choices_file_is_a_one_line_error(tmp_path, source, cap
     damaged.mkdir()
     for item in source.iterdir():
         (damaged / item.name).symlink_to(item)
-    (damaged / CHOICES_FILE).write_text('{"L": {"ffn": "wide"')  # cut short mid-write
+    (damaged / BUDGET_CHOICES).write_text('{"L": {"ffn": "wide"')  # cut short mid-write
     run_dir = tmp_path / "run"
     argv = ["slice", f"source.dir={damaged}", f"run.dir={run_dir}"]
-    assert CHOICES_FILE in _refused(capsys, argv, 1, "checkpoint error:")
-    (damaged / CHOICES_FILE).write_text(json.dumps({"L": {"ffn": "wide"}}))
+    assert BUDGET_CHOICES in _refused(capsys, argv, 1, "checkpoint error:")
+    (damaged / BUDGET_CHOICES).write_text(json.dumps({"L": {"ffn": "wide"}}))
     assert "corrupt" in _refused(capsys, argv, 1, "checkpoint error:")
     assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("text", ['{"config": {"format": "nvfp4"', '{"modules": {}}', "[]"])
 def test_a_corrupt_quant_state_is_a_checkpoint_error_naming_the_file(tmp_path, text):
-    (tmp_path / QUANT_STATE_FILE).write_text(text)
-    with pytest.raises(CheckpointError, match=QUANT_STATE_FILE) as err:
+    (tmp_path / QUANT_STATE).write_text(text)
+    with pytest.raises(CheckpointError, match=QUANT_STATE) as err:
         read_quant_state(tmp_path)
     assert "\n" not in str(err.value)
 

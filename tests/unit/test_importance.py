@@ -30,11 +30,11 @@ from megatron_ext.elastic.reorder import (
     compute_permutations,
     permutations_from_json,
     permutations_to_json,
-    read_elastic_layout,
 )
 from megatron_ext.models.builder import build_model, causal_mask, squared_relu
 from megatron_ext.models.config import ConfigError, HybridModelConfig
 from megatron_ext.parallel import ParallelConfig, init_distributed, set_seed
+from megatron_ext.run_format import find_elastic_layout
 
 CFG = HybridModelConfig(moe_router_enable_expert_bias=True)  # M*ME-M*E
 SEQ, MICRO, SEED = 64, 2, 7
@@ -307,8 +307,8 @@ def test_recipe_scores_reorders_and_saves_a_loadable_checkpoint(
     assert summary["reorder_logits_max_abs_diff"] <= ATOL
     for name in ("scores.pt", "permutations.json", "summary.json", "config.yaml"):
         assert (run_dir / name).is_file(), name
-    layout = read_elastic_layout(summary["checkpoint"])
-    assert layout == read_elastic_layout(Path(summary["checkpoint"]).parent)
+    layout = find_elastic_layout(summary["checkpoint"])
+    assert layout == find_elastic_layout(Path(summary["checkpoint"]).parent)
     assert CheckpointManager(run_dir / "checkpoints", pgs).problem(summary["checkpoint"]) is None
     assert (layout["tp"], layout["ep"]) == (2, 1)
     assert set(layout["permutations"]) == set(AXES)

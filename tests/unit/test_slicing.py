@@ -22,13 +22,13 @@ import torch
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.slicing import (
-    MODEL_CONFIG,
     build_slice,
     load_slice,
     save_slice,
     slice_model,
 )
 from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.run_format import MODEL_CONFIG
 from tests.unit.test_elastic_layers import (
     ALONE,
     MODEL,

@@ -37,7 +37,8 @@ from megatron_ext.export.hf.files import (
     write_safetensors,
 )
 from megatron_ext.export.hf.mapping import merge_qkv, merge_tensors, split_qkv, split_tensor
-from megatron_ext.models.config import MODEL_CONFIG_FILE, HybridModelConfig, load_model_config
+from megatron_ext.models.config import HybridModelConfig, load_model_config
+from megatron_ext.run_format import MODEL_CONFIG
 
 HF_ARCHITECTURE = "NemotronHForCausalLM"  # the hybrid's architecture (see .nemotron_h)
 
@@ -191,7 +192,7 @@ def hf_model_config(directory: str | Path, tensors: dict[str, Tensor]) -> Hybrid
     directory = Path(directory)
     hf = read_hf_config(directory)
     family = family_for_hf(hf)
-    if (directory / MODEL_CONFIG_FILE).is_file():
+    if (directory / MODEL_CONFIG).is_file():
         base = load_model_config(directory)
         derived = family.config_from_hf(hf, tie_embeddings=base.tie_embeddings)
         keep = _KEEP_FROM_PROJECT + (("rotary_base",) if family.name == "nemotron_h" else ())
@@ -202,7 +203,7 @@ def hf_model_config(directory: str | Path, tensors: dict[str, Tensor]) -> Hybrid
                 for f in dataclasses.fields(cfg)
                 if getattr(cfg, f.name) != getattr(base, f.name)
             ]
-            raise ExportError(f"{directory}: config.json and {MODEL_CONFIG_FILE} differ in {diff}")
+            raise ExportError(f"{directory}: config.json and {MODEL_CONFIG} differ in {diff}")
         return cfg
     bias = any(bool(t.any()) for n, t in tensors.items() if n.endswith("correction_bias"))
     cfg = family.config_from_hf(hf, moe_router_enable_expert_bias=bias)

@@ -28,8 +28,8 @@ from megatron_ext.export.hf import (
     megatron_to_hf,
 )
 from megatron_ext.export.hf.files import read_hf_config, write_hf_dir
-from megatron_ext.export.tokenizer import TOKENIZER_JSON
 from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.run_format import TOKENIZER
 
 ELASTIC_KEY = "elastic"
 ELASTIC_BUDGET = "elastic"
@@ -96,8 +96,8 @@ def slice_elastic_hf(
     stripes = StripeLayout(**block.get("stripes", {}))
     model, cfg = load_hf_with_config(directory, pg_collection)
     tokenizer = None
-    if (Path(directory) / TOKENIZER_JSON).is_file():
-        tokenizer = build_tokenizer("hf", str(Path(directory) / TOKENIZER_JSON))
+    if (Path(directory) / TOKENIZER).is_file():
+        tokenizer = build_tokenizer("hf", str(Path(directory) / TOKENIZER))
     controller = ElasticController(cfg, stripes=stripes, mode="masked")
     result = export_hf(
         model.eval(), widths, out_dir, budget=budget, controller=controller, tokenizer=tokenizer

@@ -18,9 +18,9 @@ from megatron_ext.checkpoint import CheckpointManager
 from megatron_ext.export.hf import hf_architecture, load_hf_with_config
 from megatron_ext.export.hf.family import family_for_hf
 from megatron_ext.export.hf.files import CONFIG_FILE, read_hf_config
-from megatron_ext.export.tokenizer import TOKENIZER_JSON
 from megatron_ext.models.config import HybridModelConfig, require, save_model_config
 from megatron_ext.models.params import count_parameters
+from megatron_ext.run_format import TOKENIZER, checkpoints_dir
 
 
 @dataclass
@@ -36,9 +36,9 @@ class ImportHFConfig:
         path = Path(self.dir)
         require((path / CONFIG_FILE).is_file(), "hf.dir", f"{path} has no {CONFIG_FILE}")
         require(
-            not self.require_tokenizer or (path / TOKENIZER_JSON).is_file(),
+            not self.require_tokenizer or (path / TOKENIZER).is_file(),
             "hf.dir",
-            f"{path} has no {TOKENIZER_JSON}; add it, or set hf.require_tokenizer=false "
+            f"{path} has no {TOKENIZER}; add it, or set hf.require_tokenizer=false "
             "(the recipes then need data.tokenizer_path)",
         )
 
@@ -84,12 +84,12 @@ def import_hf(
     family = family_for_hf(read_hf_config(hf_dir))
     model, cfg = load_hf_with_config(hf_dir, pg_collection, backend=backend)
     model.eval()
-    ckpts = CheckpointManager(run_dir / "checkpoints", pg_collection)
+    ckpts = CheckpointManager(checkpoints_dir(run_dir), pg_collection)
     path = ckpts.save(0, model, None, {"imported_from": str(hf_dir.resolve())})
     save_model_config(cfg, run_dir)
     tokenizer = None
-    if (hf_dir / TOKENIZER_JSON).is_file():
-        tokenizer = Path(shutil.copyfile(hf_dir / TOKENIZER_JSON, run_dir / TOKENIZER_JSON))
+    if (hf_dir / TOKENIZER).is_file():
+        tokenizer = Path(shutil.copyfile(hf_dir / TOKENIZER, run_dir / TOKENIZER))
     counts = count_parameters(model, cfg, pg_collection)
     return ImportResult(
         cfg, family.name, hf_architecture(cfg), path, tokenizer, counts.total, counts.active
