@@ -48,7 +48,8 @@ def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
 
     Raises :class:`ConfigError` naming the field: a layout the model cannot split into,
     ``parallel.pp > 1`` for a recipe that does not run pipeline stages, ``parallel.cp > 1``
-    for a recipe other than train-parent or with a sequence length it cannot split.
+    for a recipe other than train-parent, together with TP or PP, or with a sequence length
+    it cannot split.
     """
     if "parallel" not in cfg:
         return None
@@ -57,6 +58,13 @@ def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
         raise ConfigError(
             f"parallel.cp: {parallel.cp} is not supported by {recipe} (only train-parent "
             "splits sequences over context-parallel ranks); set 1"
+        )
+    if parallel.cp > 1 and (parallel.tp > 1 or parallel.pp > 1):
+        field, size = ("tp", parallel.tp) if parallel.tp > 1 else ("pp", parallel.pp)
+        raise ConfigError(
+            f"parallel.cp: {parallel.cp} together with parallel.{field}={size} "
+            "is refused (context parallelism is tested only with data and expert parallelism, "
+            "against cp=1); set parallel.cp=1, or parallel.tp=1 and parallel.pp=1"
         )
     model = _model(cfg)
     if model is not None:

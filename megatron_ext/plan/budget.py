@@ -9,7 +9,9 @@ grads           fp32 gradients (megatron's DDP gradient buffer lives through the
 optimizer       Adam's two fp32 moments, plus fp32 main parameters under bf16; divided by
                 the data-parallel size with the distributed optimizer (experts: by the
                 expert-data-parallel size)
-teacher         the frozen parent's weights (train-elastic) and its final hidden states
+teacher         the frozen parent's weights (train-elastic) and its final hidden states (at
+                ``pp > 1`` those of every micro-batch of the step: its forward-only pass
+                through the schedule runs first and they wait on the last stage)
 activations     what autograd keeps per layer (:func:`.counts.layer_activations`) for the
                 micro-batches in flight (1F1B: ``pp - stage`` on stage ``stage``), with the
                 chosen recompute; sequence parallelism and context parallelism split tokens
@@ -23,7 +25,10 @@ kd_chunk        the distillation's working set on the last stage: 10 fp32 copies
 
 The peak: the persistent parts (weights, gradients, optimizer state, teacher) plus the
 activations, plus the larger of ``backward`` and ``kd_chunk``, which are never alive together
-(the loss's working set is freed before the first layer's backward starts).
+(the loss's working set is freed before the first layer's backward starts). Under full
+recompute, ``activations`` include one layer's whole activations while the backward
+recomputes it; that part is not alive during the loss either, so the peak takes the larger
+of it (with ``backward``) and ``kd_chunk`` (:attr:`StagePlan.recomputed`).
 """
 
 from __future__ import annotations
@@ -121,12 +126,18 @@ class StagePlan:
     tokens_per_step: int
     steps: int
     per_pp_stage: list[dict[str, float]] = field(default_factory=list)
+    recomputed: list[float] = field(default_factory=list)  # per pp stage; module docstring
 
     def total(self, pp_stage: int) -> float:
-        """Peak bytes of one rank of ``pp_stage`` (the larger of the two transients counts)."""
+        """Peak bytes of one rank of ``pp_stage`` (the larger of the two transients counts).
+
+        The recomputed layer's activations (part of ``activations``, alive in the backward
+        only) and the loss's working set are not alive together either.
+        """
         parts = self.per_pp_stage[pp_stage]
         kept = sum(v for k, v in parts.items() if k not in TRANSIENT)
-        return kept + max(parts[k] for k in TRANSIENT)
+        once = self.recomputed[pp_stage] if self.recomputed else 0.0
+        return kept + max(parts["backward"], parts["kd_chunk"] - once)
 
     @property
     def worst(self) -> int:
@@ -154,7 +165,10 @@ def _stage_params(inp: PlanInputs, stage: int) -> tuple[float, float]:
     return dense, experts
 
 
-def _activations(inp: PlanInputs, stage: int, seq: int, micro: int, in_flight: int) -> float:
+def _activations(
+    inp: PlanInputs, stage: int, seq: int, micro: int, in_flight: int
+) -> tuple[float, float]:
+    """(activations, the part of them that is one layer recomputed in the backward)."""
     cfg = inp.model
     bytes_per = 4 if inp.precision == "fp32" else 2
     # tensor parallelism splits each layer's width, sequence parallelism the residual stream's
@@ -168,7 +182,8 @@ def _activations(inp: PlanInputs, stage: int, seq: int, micro: int, in_flight: i
         once = 0.0
     # the residual stream: the embedding output on the first, the final norm on the last stage
     edges = cfg.hidden_size * (stage == 0) + (3 * cfg.hidden_size + 1) * (stage == inp.pp - 1)
-    return (kept * in_flight + once + edges) * tokens * bytes_per
+    per_token = tokens * bytes_per
+    return (kept * in_flight + once + edges) * per_token, once * per_token
 
 
 def _backward(inp: PlanInputs, stage: int, seq: int, micro: int) -> float:
@@ -222,10 +237,13 @@ def plan_memory(inp: PlanInputs) -> list[StagePlan]:
             teacher = 0.0
             if inp.teacher:
                 teacher = params * weight_bytes
-                if last:
+                if last:  # its final hidden states: one micro-batch's, or the step's at pp > 1
                     tokens = micro * st.seq_length / ((inp.tp if inp.tp > 1 else 1) * inp.cp)
-                    teacher += tokens * inp.model.hidden_size * weight_bytes
+                    held = microbatches if inp.pp > 1 else 1
+                    teacher += held * tokens * inp.model.hidden_size * weight_bytes
             dp_div = inp.dp if inp.distributed_optimizer else 1
+            activations, recomputed = _activations(inp, stage, st.seq_length, micro, in_flight)
+            plan.recomputed.append(recomputed)
             edp_div = edp if inp.distributed_optimizer else 1
             plan.per_pp_stage.append(
                 {
@@ -233,7 +251,7 @@ def plan_memory(inp: PlanInputs) -> list[StagePlan]:
                     "grads": params * 4,
                     "optimizer": (dense / dp_div + experts / edp_div) * opt_bytes,
                     "teacher": teacher,
-                    "activations": _activations(inp, stage, st.seq_length, micro, in_flight),
+                    "activations": activations,
                     "backward": _backward(inp, stage, st.seq_length, micro),
                     "kd_chunk": _loss_working(inp, st.seq_length, micro) if last else 0.0,
                 }

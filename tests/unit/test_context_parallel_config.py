@@ -49,6 +49,19 @@ def test_cp_is_refused_before_torchrun_for_recipes_other_than_train_parent(tmp_p
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(("other", "value"), [("tp", 2), ("pp", 2)])
+def test_cp_with_tp_or_pp_is_refused_before_torchrun_naming_both_fields(
+    tmp_path, capsys, other, value
+):
+    run_dir = tmp_path / "run"
+    args = ["train-parent", "parallel.nproc=4", "parallel.cp=2", f"parallel.{other}={value}"]
+    args += ["parallel.ep=1", "model.pattern=MM", "model.position_embedding_type=none"]
+    assert main([*args, f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"parallel.cp: 2 together with parallel.{other}={value} is refused" in err
+    assert not run_dir.exists()  # nothing started, nothing written
+
+
 def test_train_parent_refuses_a_sequence_length_cp_cannot_halve_per_rank(tmp_path, capsys):
     args = ["train-parent", "parallel.nproc=2", "parallel.cp=2", "parallel.ep=1"]
     args += ["model.pattern=MM", "model.position_embedding_type=none", "train.seq_length=30"]

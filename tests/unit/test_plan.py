@@ -5,7 +5,8 @@ Hand counts are written out from the layer shapes (megatron-core's local layers,
 The prediction-vs-measurement tolerance is the issue's: within 15% of the peak of live tensor
 bytes of a real train-elastic step (student, frozen teacher, chunked KD, Adam; see
 megatron_ext.plan.measure); measured 0.98..1.00 without recompute on these shapes
-(bench/plan_validation.py covers sequence 256..4096, hidden 128..512, with full recompute).
+(bench/longseq.py covers sequence 256..4096, hidden 128..512, with and without full recompute,
+at PP=1 and PP=2).
 """
 
 from __future__ import annotations
@@ -76,6 +77,47 @@ def test_activations_of_an_mlp_stack_are_its_saved_elements_times_the_tokens():
     assert part["activations"] == (2 * per_layer + edges) * 2 * 256 * 4
     full = plan_memory(_inputs(model=cfg, recompute="full"))[0].per_pp_stage[0]
     assert full["activations"] == (2 * 64 + per_layer + edges) * 2 * 256 * 4
+
+
+def test_pipeline_stages_split_parameters_and_hold_their_micro_batches_in_flight():
+    # 4 MLP layers over 2 stages, 4 micro-batches of 2 x 256 tokens per step (1F1B)
+    cfg = HybridModelConfig(pattern="----", hidden_size=64, ffn_hidden_size=96)
+    inp = _inputs(model=cfg, nproc=2, pp=2, global_batch_size=8, kd_chunk_size=64)
+    plan = plan_memory(inp)[0]
+    first, last = plan.per_pp_stage
+    layer = 64 * 96 + 96 * 64 + 64  # fc1, fc2, pre-norm weight
+    params = [2 * layer + 384 * 64, 2 * layer + 64 + 384 * 64]  # + embedding | final norm, output
+    for part, n in zip(plan.per_pp_stage, params):
+        assert (part["weights"], part["grads"], part["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    tokens = 2 * 256
+    # the teacher's stage weights; on the last stage its hidden states of all 4 micro-batches
+    assert first["teacher"] == 4 * params[0]
+    assert last["teacher"] == 4 * params[1] + 4 * tokens * 64 * 4
+    per_layer = 3 * 64 + 1 + 2 * 96
+    # 1F1B: the first stage holds pp - 0 = 2 micro-batches in flight, the last one
+    assert first["activations"] == (2 * per_layer * 2 + 64) * tokens * 4  # + embedding output
+    assert last["activations"] == (2 * per_layer * 1 + 3 * 64 + 1) * tokens * 4  # + final norm
+    assert first["backward"] == last["backward"] == 2 * 96 * tokens * 4
+    kd = 10 * 4 * 64 * 2 * 384 + 384 * 64 * 4 + tokens * 64 * 4
+    assert (first["kd_chunk"], last["kd_chunk"]) == (0, kd)  # the loss lives on the last stage
+    kept = [
+        sum(v for k, v in part.items() if k not in ("backward", "kd_chunk"))
+        for part in (first, last)
+    ]
+    assert plan.total(0) == kept[0] + first["backward"]
+    assert plan.total(1) == kept[1] + max(last["backward"], kd)
+
+
+def test_under_full_recompute_the_recomputed_layer_and_the_kd_chunk_do_not_add_up():
+    cfg = HybridModelConfig(pattern="--", hidden_size=64, ffn_hidden_size=96)
+    plan = plan_memory(_inputs(model=cfg, recompute="full", kd_chunk_size=256))[0]
+    part = plan.per_pp_stage[0]
+    tokens, per_layer = 2 * 256, 3 * 64 + 1 + 2 * 96
+    once = per_layer * tokens * 4  # one layer's activations while the backward recomputes it
+    assert plan.recomputed == [once] and part["backward"] == 0
+    kept = sum(v for k, v in part.items() if k not in ("backward", "kd_chunk"))
+    # the loss runs before any layer is recomputed: the peak is the larger of the two
+    assert plan.total(0) == kept - once + max(once, part["kd_chunk"])
 
 
 def test_the_kd_chunk_grows_with_the_chunk_not_the_sequence():
