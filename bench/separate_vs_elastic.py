@@ -1,5 +1,7 @@
 """The smallest budget: elastic training vs pruning and distilling it on its own, equal tokens.
 
+(bench/report_comparisons.py does this for every budget, for the report.)
+
 Usage: python bench/separate_vs_elastic.py [ELASTIC_RUN_DIR] (default runs/demo/elastic, a
 ``train-elastic`` run). Writes bench/separate_vs_elastic.json and prints a table.
 
@@ -35,7 +37,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
 
 from megatron_ext.checkpoint import CheckpointManager  # noqa: E402
 from megatron_ext.compat.engine import apply_engine_shims  # noqa: E402
@@ -45,69 +46,20 @@ from megatron_ext.elastic.budget_eval import evaluate_at, load_choices  # noqa: 
 from megatron_ext.elastic.config import ElasticConfig  # noqa: E402
 from megatron_ext.elastic.controller import ElasticController, StripeLayout  # noqa: E402
 from megatron_ext.elastic.convert import convert_to_elastic  # noqa: E402
-from megatron_ext.elastic.curriculum import CurriculumConfig, sample_budget  # noqa: E402
+from megatron_ext.elastic.curriculum import CurriculumConfig  # noqa: E402
 from megatron_ext.elastic.slice_run import load_source  # noqa: E402
 from megatron_ext.elastic.slicing import build_slice, slice_model  # noqa: E402
-from megatron_ext.elastic.step import elastic_loss  # noqa: E402
+from megatron_ext.elastic.standalone import budget_stages, distill, share_tokens  # noqa: E402
 from megatron_ext.elastic.train_config import ElasticTrainConfig  # noqa: E402
-from megatron_ext.models.builder import build_model, causal_mask  # noqa: E402
+from megatron_ext.models.builder import build_model  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 from megatron_ext.report import format_table  # noqa: E402
 from megatron_ext.run_format import SUMMARY, checkpoints_dir, read_config, read_summary  # noqa: E402
 from megatron_ext.training.data import build_batches  # noqa: E402
-from megatron_ext.training.engine import Engine  # noqa: E402
-from megatron_ext.training.engine_config import EngineConfig  # noqa: E402
 from megatron_ext.training.loop import evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-class KDStep:
-    """The elastic run's loss (KD, plus CE when configured) without router or cost term."""
-
-    def __init__(self, teacher, train: ElasticTrainConfig, pgs) -> None:
-        self.teacher, self.train, self.pgs = teacher, train, pgs
-
-    def forward(self, model, batch):
-        """Teacher logits (no grad), the student's, and the loss function."""
-        tokens, pos = batch["tokens"], batch["position_ids"]
-        mask = causal_mask(tokens.shape[1], tokens.device)
-        with torch.no_grad():
-            target = self.teacher(tokens, pos, mask)
-        none = torch.zeros(())
-        tp = self.pgs.tp
-
-        def loss(logits):
-            return elastic_loss(logits, target, batch, none, cfg=self.train, tp_group=tp, tp_size=1)
-
-        return model(tokens, pos, mask), loss
-
-
-def distill(student, teacher, stages, data, train: ElasticTrainConfig, pgs) -> int:
-    """Train ``student`` by KD on the chosen steps' batches of each stage; returns steps."""
-    settings = EngineConfig.of(train, "elastic_train", lr=stages[0]["lr"], global_batch_size=0)
-    engine = Engine([student], settings, pgs)
-    step = KDStep(teacher, train, pgs)
-    engine.train()
-    done = 0
-    for st in stages:
-        tc = TrainConfig(
-            steps=len(st["chosen"]),
-            micro_batch_size=st["batch"],
-            seq_length=st["seq_length"],
-            eval_batches=1,
-            warmup_steps=0,
-        )
-        batches = build_batches(data, tc, pgs, seed=st["seed"])[0]
-        for chosen in st["chosen"]:
-            batch = next(batches)  # every step's batch is drawn, as in the elastic run
-            if not chosen:
-                continue
-            warm = min(1.0, (done + 1) / train.warmup_steps) if train.warmup_steps else 1.0
-            engine.step(step, [batch], st["lr"] * warm)
-            done += 1
-    return done
 
 
 def main() -> None:
@@ -128,19 +80,8 @@ def main() -> None:
     apply_engine_shims()
     pgs = init_distributed(ParallelConfig(), seed=seed)
 
-    stages, steps, tokens = [], 0, 0
-    for i, st in enumerate(curriculum.resolve(train.micro_batch_size * dp, len(elastic.budgets))):
-        chosen = [
-            sample_budget(st.budget_probs, curriculum.seed, i, st.start_step + k) == index
-            for k in range(st.steps)
-        ]
-        batch = (st.micro_batch_size or train.micro_batch_size) * dp
-        n = sum(chosen)
-        steps, tokens = steps + n, tokens + n * batch * st.seq_length
-        stages.append(
-            {"name": st.name, "steps": n, "of": st.steps, "seq_length": st.seq_length}
-            | {"batch": batch, "lr": st.lr, "seed": seed + 101 * (i + 1), "chosen": chosen}
-        )
+    stages = budget_stages(curriculum, train, dp, len(elastic.budgets), index, seed)
+    steps, tokens = sum(s.steps for s in stages), share_tokens(stages)
 
     eval_tc = TrainConfig(
         steps=1,
@@ -181,7 +122,7 @@ def main() -> None:
         "elastic_steps": summary["steps"],
         "tokens": tokens,
         "elastic_tokens": summary["tokens"],
-        "stages": [{k: v for k, v in s.items() if k != "chosen"} for s in stages],
+        "stages": [s.as_dict() for s in stages],
         "parent": parent_loss,
         "zero_shot": zero_shot,
         "zero_shot_summary": summary["budgets"][budget].get("zero_shot_val_loss"),
@@ -193,7 +134,7 @@ def main() -> None:
     }
     assert done == steps
     (HERE / "separate_vs_elastic.json").write_text(json.dumps(out, indent=2) + "\n")
-    split = " + ".join(f"{s['steps']}/{s['of']} @ seq {s['seq_length']}" for s in stages)
+    split = " + ".join(f"{s.steps}/{len(s.chosen)} @ seq {s.seq_length}" for s in stages)
     print(
         f"budget {budget} of {run}: {steps} of {summary['steps']} steps ({split}), "
         f"{tokens} of {summary['tokens']} tokens; parent held-out loss {parent_loss:.4f}"

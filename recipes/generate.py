@@ -12,7 +12,13 @@ from megatron_ext.config.compose import section
 from megatron_ext.config.schema import DataConfig, RunConfig
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.elastic.config import ElasticConfig
-from megatron_ext.generate.budget import PairReport, pair_name, run_pairs
+from megatron_ext.generate.budget import (
+    PairReport,
+    pair_name,
+    run_pairs,
+    time_pairs_interleaved,
+    timing_summary,
+)
 from megatron_ext.generate.config import GenerateConfig
 from megatron_ext.generate.evaluate import EvalSet, evaluation_set, score_pair
 from megatron_ext.generate.sources import ElasticBudgets, open_budgets, source_kind
@@ -88,6 +94,9 @@ def run(cfg: DictConfig) -> dict:
         pair_name(r.think_budget, r.answer_budget): _scored(r, evalset, gen.think_close)
         for r in reports
     }
+    if gen.timing_rounds:
+        for name, rounds in time_pairs_interleaved(models, tokenizer, gen, prompts).items():
+            pairs[name]["timing"] = timing_summary(rounds)
     summary = {
         "source": str(source),
         "source_kind": kind,
@@ -98,6 +107,8 @@ def run(cfg: DictConfig) -> dict:
         "scored": evalset.references is not None,
         "max_think_tokens": gen.max_think_tokens,
         "max_answer_tokens": gen.max_answer_tokens,
+        "timing_rounds": gen.timing_rounds,
+        "timing_prompts": min(gen.timing_prompts, len(prompts)) if gen.timing_rounds else 0,
         "sampling": {"temperature": gen.temperature, "top_k": gen.top_k, "seed": gen.seed},
         "pairs": pairs,
         "backends": backend_report(),

@@ -4,7 +4,11 @@
 #   parent (stdlib, make demo's) -> arithmetic fine-tune -> importance (widths and layers)
 #     -> train-elastic (elastic=tiny_depth: S keeps fewer layers) -> slice -> generate, all
 #     nine think/answer pairs over L/M/S, on the elastic checkpoint in narrow compute and on
-#     the slices -> qad fp8 / nvfp4 (when the qad recipe is installed) -> REPORT.md
+#     the slices, each pair timed again in interleaved rounds -> the same elastic run without
+#     its second curriculum stage (equal tokens) and its own-budget accuracies
+#     -> bench/report_comparisons.py (every budget distilled alone at equal tokens, width vs
+#     depth at equal parameters, a second held-out corpus) -> qad fp8 / nvfp4 (when the qad
+#     recipe is installed) -> REPORT.md
 #
 # Every stage writes under $ROOT (default runs/report) and resumes from its own checkpoints
 # when run again; the report is $ROOT/REPORT.md with its PNGs beside it. About 18 minutes on
@@ -31,20 +35,33 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 
 case "$SIZE" in
   full)
-    FINETUNE=(train.steps=1500)
-    CURRICULUM=(curriculum.stages.0.steps=300 curriculum.stages.1.steps=200)
-    TEST=200 QAD_STEPS=60 PARENT_STEPS=1200 ;;
+    FINETUNE=(train.steps=900 train.eval_interval=300 train.save_interval=300)
+    S1=200 S2=150 SEQ1=128 CURRICULUM=(curriculum=tiny)
+    TEST=100 COMPARE_PROMPTS=64 ROUNDS=3 TIMED=8 QAD_STEPS=60 PARENT_STEPS=600 ;;
   smoke)
     FINETUNE=(train.steps=60 train.eval_interval=30 train.save_interval=30)
-    CURRICULUM=(curriculum=smoke elastic_train.eval_interval=4)
-    TEST=16 QAD_STEPS=4 PARENT_STEPS=60 ;;
+    S1=4 S2=4 SEQ1=64 CURRICULUM=(curriculum=smoke elastic_train.eval_interval=4)
+    TEST=16 COMPARE_PROMPTS=8 ROUNDS=2 TIMED=2 QAD_STEPS=4 PARENT_STEPS=60 ;;
   *) echo "SIZE must be full or smoke, not $SIZE" >&2; exit 2 ;;
 esac
 DATA=(data=arithmetic "data.arithmetic.test_examples=$TEST")
 ELASTIC=(elastic=tiny_depth)  # the depth axis: S skips layers, so its latency saving can show
 PAIRS=("generation.pair_budgets=[L,M,S]")
+CURRICULUM+=("curriculum.stages.0.steps=$S1" "curriculum.stages.1.steps=$S2")
+# stage 2 replaced by more of stage 1 (its sequence length, uniform draws), equal tokens:
+# stage 2's sequence is twice stage 1's, so twice the steps at the same batch
+STAGE1_ONLY=("curriculum.stages.1.name=stage1_more" "curriculum.stages.1.seq_length=$SEQ1"
+  "curriculum.stages.1.budget_probs=[]" "curriculum.stages.1.steps=$((2 * S2))")
+TIMING=("generation.timing_rounds=$ROUNDS" "generation.timing_prompts=$TIMED")
+PY=${PY:-$(dirname "$SE")/python}
 
-stage() { echo; echo "=== $* ==="; }
+mkdir -p "$ROOT"
+STAGE_TIMES="$ROOT/stage_times.tsv"
+: >"$STAGE_TIMES"
+stage() {  # each stage's start time and the 1-minute load, for the report's run section
+  echo; echo "=== $* ==="
+  printf '%s\t%s\t%s\n' "$(date +%s)" "$(cut -d' ' -f1 /proc/loadavg)" "$*" >>"$STAGE_TIMES"
+}
 
 if [ ! -f "$PARENT/summary.json" ]; then
   stage "parent on the stdlib corpus: $PARENT"
@@ -70,8 +87,19 @@ for kind in elastic slices; do
   compute=(elastic.compute=narrow)  # the elastic checkpoint skips the layers S drops
   if [ "$kind" = slices ]; then compute=(); fi
   "$SE" generate "${DATA[@]}" "${ELASTIC[@]}" "${compute[@]}" generation=arithmetic \
-    "${PAIRS[@]}" "source.dir=$ROOT/$kind" "source.kind=$kind" "run.dir=$ROOT/generate_$kind"
+    "${PAIRS[@]}" "${TIMING[@]}" "source.dir=$ROOT/$kind" "source.kind=$kind" \
+    "run.dir=$ROOT/generate_$kind"
 done
+
+stage "elastic training without stage 2 (stage 1 continued, equal tokens)"
+"$SE" train-elastic "${DATA[@]}" "${ELASTIC[@]}" "${CURRICULUM[@]}" "${STAGE1_ONLY[@]}" \
+  "source.dir=$ROOT/importance" "run.dir=$ROOT/elastic_stage1_only" logger=none
+"$SE" generate "${DATA[@]}" "${ELASTIC[@]}" elastic.compute=narrow generation=arithmetic \
+  "${PAIRS[@]}" generation.pair_grid=same generation.think_budget=L generation.answer_budget=L \
+  "source.dir=$ROOT/elastic_stage1_only" source.kind=elastic "run.dir=$ROOT/generate_stage1_only"
+
+stage "every budget distilled alone at equal tokens; width vs depth; a second corpus"
+"$PY" bench/report_comparisons.py "$ROOT/elastic" "$ROOT/comparisons" "$COMPARE_PROMPTS"
 
 if [ "$QAD" = auto ]; then
   recipes=$("$SE" --help)

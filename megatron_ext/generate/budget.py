@@ -12,6 +12,7 @@ model emits the tokenizer's special ``</think>`` id or the eight bytes ``</think
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -242,3 +243,56 @@ def run_pairs(
             for prompt in tqdm(prompts, desc=f"generate {name}", disable=not progress)
         ]
         yield PairReport(think_budget, answer_budget, answers)
+
+
+def time_pairs_interleaved(
+    models: BudgetModels,
+    codec: TextCodec,
+    cfg: GenerateConfig,
+    prompts: Sequence[str],
+    progress: bool = True,
+) -> dict[str, list[dict[str, float]]]:
+    """Time every pair ``cfg.timing_rounds`` more times on the first ``cfg.timing_prompts``
+    prompts, interleaved: round ``r`` runs each pair once, in ``cfg.pairs()`` order rotated
+    by ``r``. Per pair, one entry per round: the mean latency per prompt and both phases'
+    decode tokens/s."""
+    from tqdm import tqdm
+
+    pairs = cfg.pairs()
+    chosen = list(prompts[: cfg.timing_prompts])
+    rounds: dict[str, list[dict[str, float]]] = {pair_name(t, a): [] for t, a in pairs}
+    for r in tqdm(range(cfg.timing_rounds), desc="timing rounds", disable=not progress):
+        shift = r % len(pairs)
+        for think_budget, answer_budget in pairs[shift:] + pairs[:shift]:
+            sampler = Sampler(cfg.temperature, cfg.top_k, cfg.seed)
+            answers = [
+                think_then_answer(models, think_budget, answer_budget, codec, p, cfg, sampler)
+                for p in chosen
+            ]
+            figures = PairReport(think_budget, answer_budget, answers).as_dict()
+            rounds[pair_name(think_budget, answer_budget)].append(
+                {
+                    "latency_s": figures["latency_s"],
+                    "think_tokens_per_s": figures["think"]["decode_tokens_per_s"],
+                    "answer_tokens_per_s": figures["answer"]["decode_tokens_per_s"],
+                }
+            )
+    return rounds
+
+
+def timing_summary(rounds: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Median, min and max latency over ``rounds`` and the relative spread (max - min) /
+    median; the median of both phases' tokens/s; the rounds themselves."""
+    latencies = sorted(r["latency_s"] for r in rounds)
+    if not latencies:
+        return {"rounds": []}
+    median = statistics.median(latencies)
+    return {
+        "rounds": list(rounds),
+        "latency_median_s": median,
+        "latency_min_s": latencies[0],
+        "latency_max_s": latencies[-1],
+        "latency_spread": (latencies[-1] - latencies[0]) / median if median else 0.0,
+        "think_tokens_per_s": statistics.median(r["think_tokens_per_s"] for r in rounds),
+        "answer_tokens_per_s": statistics.median(r["answer_tokens_per_s"] for r in rounds),
+    }

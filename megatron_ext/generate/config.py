@@ -16,6 +16,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 """Prompts the tiny byte-level models (trained on Python sources) can continue."""
 
+PAIR_GRIDS = ("all", "same")
+
 
 @dataclass
 class GenerateConfig:
@@ -28,7 +30,13 @@ class GenerateConfig:
     ``stop_at_newline``) or ``max_answer_tokens``. ``all_pairs`` also runs the other three
     pairings of the two budgets, the paper's four configurations (S→S, S→L, L→S, L→L), or,
     with ``pair_budgets`` (e.g. ``[L, M, S]``), every (think, answer) pair over those
-    budgets: nine for three.
+    budgets: nine for three. ``pair_grid="same"`` keeps only the pairs that think and answer
+    at one budget (``L->L, M->M, S->S``): each budget's own task accuracy.
+
+    Timing: with ``timing_rounds`` R > 0, after the scored pass every pair is timed again R
+    times on the first ``timing_prompts`` prompts, the pairs interleaved (round r runs every
+    pair once, the order rotated by r), so a slow spell of a shared machine falls on every
+    pair alike; the summary gives each pair's median latency and the rounds' spread.
 
     Sampling: ``temperature=0`` is greedy; otherwise ``top_k`` (0: the whole vocabulary) and
     a ``torch.Generator`` seeded with ``seed`` make a run reproducible.
@@ -38,6 +46,9 @@ class GenerateConfig:
     answer_budget: str = "L"
     all_pairs: bool = False
     pair_budgets: list[str] = field(default_factory=list)
+    pair_grid: str = "all"  # "all": every think x answer pair; "same": think = answer only
+    timing_rounds: int = 0
+    timing_prompts: int = 8
     max_think_tokens: int = 64
     max_answer_tokens: int = 64
     think_open: str = "<think>"
@@ -68,6 +79,19 @@ class GenerateConfig:
                 f"must include the configured think/answer budgets; add {outside}",
             )
         require(
+            self.pair_grid in PAIR_GRIDS,
+            "generation.pair_grid",
+            f"{self.pair_grid!r} must be one of {PAIR_GRIDS}",
+        )
+        require(
+            self.pair_grid == "all" or self.think_budget == self.answer_budget,
+            "generation.pair_grid",
+            "'same' runs think = answer pairs only; set generation.answer_budget to "
+            f"generation.think_budget ({self.think_budget})",
+        )
+        require(self.timing_rounds >= 0, "generation.timing_rounds", "must be >= 0 (0: none)")
+        require(self.timing_prompts >= 1, "generation.timing_prompts", "must be >= 1")
+        require(
             bool(self.think_close),
             "generation.think_close",
             "must be the text that ends the think phase, e.g. '</think>'",
@@ -91,7 +115,10 @@ class GenerateConfig:
         if not self.all_pairs:
             return [first]
         names = self.pair_budgets or [self.think_budget, self.answer_budget]
-        grid = [(think, answer) for think in names for answer in names]
+        if self.pair_grid == "same":
+            grid = [(name, name) for name in names]
+        else:
+            grid = [(think, answer) for think in names for answer in names]
         return [first] + [p for p in dict.fromkeys(grid) if p != first]
 
     def budgets(self) -> list[str]:

@@ -17,6 +17,11 @@ class ReportConfig:
     that says what to run. ``qad`` lists ``star-elastic qad`` runs, one per format.
 
     ``out`` is the Markdown file; empty means ``<run.dir>/REPORT.md``. The PNGs go beside it.
+    ``comparisons`` is ``bench/report_comparisons.py``'s output directory (nested vs
+    standalone, width vs depth, the second corpus); ``elastic_stage1_only`` the elastic run
+    without its second stage and ``generate_stage1_only`` a generate run on it.
+    ``stage_times`` is ``scripts/report.sh``'s record of each stage's start and the load
+    (empty: no such section).
     ``commands`` are shown in the "not run" notes: the pipeline's own command per stage.
     """
 
@@ -25,6 +30,10 @@ class ReportConfig:
     slices: str = "runs/report/slices"
     generate_elastic: str = "runs/report/generate_elastic"
     generate_slices: str = "runs/report/generate_slices"
+    comparisons: str = "runs/report/comparisons"
+    elastic_stage1_only: str = "runs/report/elastic_stage1_only"
+    generate_stage1_only: str = "runs/report/generate_stage1_only"
+    stage_times: str = ""
     qad: list[str] = field(default_factory=lambda: ["runs/report/qad_fp8", "runs/report/qad_nvfp4"])
     out: str = ""
     title: str = "star-elastic report"

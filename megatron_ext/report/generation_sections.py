@@ -75,6 +75,35 @@ def pair_order(pairs: list[str], sizes: dict[str, int] | None = None) -> list[st
     return [p for p in grid if p in pairs] + [p for p in pairs if p not in grid]
 
 
+def with_timing_rounds(pairs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pairs with ``latency_s`` and both tokens/s taken from their interleaved timing
+    rounds (the median) when the generate run had them; the scored pass's latency stays as
+    ``latency_s_scored``. Pairs without rounds are returned as they are."""
+    out = {}
+    for name, p in pairs.items():
+        timing = p.get("timing") or {}
+        if timing.get("latency_median_s") is None:
+            out[name] = p
+            continue
+        q = dict(p, latency_s_scored=p.get("latency_s"), latency_s=timing["latency_median_s"])
+        q["think"] = dict(p.get("think") or {}, decode_tokens_per_s=timing["think_tokens_per_s"])
+        q["answer"] = dict(
+            p.get("answer") or {}, decode_tokens_per_s=timing["answer_tokens_per_s"]
+        )
+        out[name] = q
+    return out
+
+
+def _latency_cell(p: dict[str, Any]) -> Any:
+    timing = p.get("timing") or {}
+    if timing.get("latency_median_s") is None:
+        return p.get("latency_s")
+    return (
+        f"{timing['latency_median_s']:.4f} ({timing['latency_min_s']:.4f}–"
+        f"{timing['latency_max_s']:.4f})"
+    )
+
+
 def _pair_row(name: str, p: dict[str, Any]) -> list[Any]:
     n = max(int(p.get("think", {}).get("generations", 0) or 0), 1)
     correct = f"{p['correct']}/{p['total']}" if "correct" in p else None
@@ -84,7 +113,7 @@ def _pair_row(name: str, p: dict[str, Any]) -> list[Any]:
         correct,
         p.get("trace_accuracy"),
         p.get("accuracy_given_correct_trace"),
-        p.get("latency_s"),
+        _latency_cell(p),
         (p.get("think", {}).get("new_tokens") or 0) / n,
         p.get("think", {}).get("decode_tokens_per_s"),
         p.get("answer", {}).get("decode_tokens_per_s"),
@@ -98,7 +127,7 @@ HEADERS = [
     "correct",
     "trace exact",
     "accuracy if trace exact",
-    "latency s/prompt",
+    "latency s/prompt (median, min–max over rounds)",
     "think tokens",
     "think tok/s",
     "answer tok/s",
@@ -125,17 +154,35 @@ def _verdict(
             continue
         lat_m, lat_l = mixed["latency_s"], large["latency_s"]
         acc_m, acc_l = mixed.get("accuracy"), large.get("accuracy")
+        spreads = [(q.get("timing") or {}).get("latency_spread") for q in (mixed, large)]
+        if all(x is not None for x in spreads):
+            noise = max(spreads)  # type: ignore[type-var]
         faster = "faster" if lat_m < lat_l else "slower"
         change = abs(1 - lat_m / lat_l) if lat_l else 0.0
         text = f"{label}: {think}->{big} is {change:.0%} {faster} than {big}->{big}"
         if noise is not None and change <= noise:
-            text += f" (within this machine's timing noise of {noise:.0%})"
+            text += f" (within the timing noise of {noise:.0%})"
         if acc_m is not None and acc_l is not None:
             text += f" at accuracy {acc_m:.1%} vs {acc_l:.1%}"
             beats = lat_m < lat_l and acc_m >= acc_l and (noise is None or change > noise)
             text += f": it beats {big}->{big}" if beats else f": it does not beat {big}->{big}"
-        lines.append(text + ".")
+        lines.append(text + ". " + _why(think, big, mixed, large))
     return "\n".join(f"- {line}" for line in lines)
+
+
+def _why(think: str, big: str, mixed: dict[str, Any], large: dict[str, Any]) -> str:
+    """What the X->L against L->L figures come from: think speed and trace accuracy."""
+    rate_m = (mixed.get("think") or {}).get("decode_tokens_per_s")
+    rate_l = (large.get("think") or {}).get("decode_tokens_per_s")
+    trace_m, trace_l = mixed.get("trace_accuracy"), large.get("trace_accuracy")
+    parts = []
+    if rate_m and rate_l:
+        parts.append(f"{think} thinks at {rate_m:.0f} tok/s against {big}'s {rate_l:.0f}")
+    if trace_m is not None and trace_l is not None:
+        parts.append(
+            f"writes the exact reference trace for {trace_m:.1%} of prompts against {trace_l:.1%}"
+        )
+    return ("Why: " + ", and ".join(parts) + ".") if parts else ""
 
 
 def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
@@ -154,7 +201,7 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
         if isinstance(summary, Missing):
             missing.append(summary)
             continue
-        pairs = summary.get("pairs") or {}
+        pairs = with_timing_rounds(summary.get("pairs") or {})
         tables[label] = pairs
         order = pair_order(list(pairs), sizes)
         body += [
@@ -163,7 +210,15 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
             f"`{directory}`: {summary.get('prompts', '?')} prompts from "
             f"`{summary.get('prompts_from', '?')}`, K = {summary.get('max_think_tokens', '?')} "
             "think tokens at most; latency is the mean per prompt of both phases (prefill + "
-            "decode), batch 1. *Accuracy* is the exact match of the answer; *trace exact* the "
+            "decode), batch 1"
+            + (
+                f", the median over {summary['timing_rounds']} interleaved timing rounds of "
+                f"{summary.get('timing_prompts')} prompts each (min–max in brackets; tokens/s "
+                "are the rounds' medians)"
+                if summary.get("timing_rounds")
+                else ", one timed pass"
+            )
+            + ". *Accuracy* is the exact match of the answer; *trace exact* the "
             "share of think phases that wrote the reference trace exactly, and *accuracy if "
             "trace exact* how often the answer budget then reads it right.",
             "",
@@ -191,7 +246,20 @@ def budget_control_section(cfg: ReportConfig, out_dir: Path) -> Section:
             "differ by the number of tokens generated, not by the width. Slices run at their "
             "own width, so only the slices show what a small think budget saves.",
         ]
-    if narrow:
+    rounds = any(
+        (p.get("timing") or {}).get("latency_median_s") is not None
+        for t in tables.values()
+        for p in t.values()
+    )
+    if rounds:
+        body += [
+            "",
+            "Timing noise: each pair was timed again in interleaved rounds (every round runs "
+            "every pair once, in a rotated order, so a slow spell of the shared CPU falls on "
+            "all pairs alike); a latency difference counts only when it exceeds the larger "
+            "relative spread (max − min) / median of the two pairs compared.",
+        ]
+    elif narrow:
         body += [
             "",
             "No timing-noise estimate: in narrow compute the elastic pairs do not decode one "

@@ -6,6 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.report.comparison_sections import (
+    nested_section,
+    second_corpus_section,
+    stage2_section,
+    width_depth_section,
+)
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.generation_sections import budget_control_section, throughput_section
 from megatron_ext.report.markdown import PIPELINE_SCRIPT, Section, md_table
@@ -14,14 +20,20 @@ from megatron_ext.report.model_sections import (
     loss_section,
     quantization_section,
 )
+from megatron_ext.report.run_section import run_section
 from megatron_ext.run_format import SUMMARY
 
 REPORT_FILE = "REPORT.md"
 
 SECTIONS: tuple[Callable[[ReportConfig, Path], Section], ...] = (
     loss_section,
-    budget_control_section,
+    nested_section,
+    stage2_section,
+    width_depth_section,
     quantization_section,
+    budget_control_section,
+    second_corpus_section,
+    run_section,
     checkpoint_section,
     throughput_section,
 )
@@ -40,6 +52,9 @@ def _inputs(cfg: ReportConfig) -> str:
         "slices (slice)": cfg.slices,
         "generate on the elastic checkpoint": cfg.generate_elastic,
         "generate on the slices": cfg.generate_slices,
+        "nested vs standalone, width vs depth (bench/report_comparisons.py)": cfg.comparisons,
+        "elastic without stage 2": cfg.elastic_stage1_only,
+        "generate on it": cfg.generate_stage1_only,
         **{f"qad ({Path(d).name})": d for d in cfg.qad},
     }
     rows = [[name, f"`{d}`", (Path(d) / SUMMARY).is_file()] for name, d in dirs.items()]

@@ -101,6 +101,9 @@ def _config(root: Path) -> ReportConfig:
         slices=str(root / "slices"),
         generate_elastic=str(root / "generate_elastic"),
         generate_slices=str(root / "generate_slices"),
+        comparisons=str(root / "comparisons"),
+        elastic_stage1_only=str(root / "elastic_stage1_only"),
+        generate_stage1_only=str(root / "generate_stage1_only"),
         qad=[str(root / "qad_fp8"), str(root / "qad_nvfp4")],
     )
 
@@ -108,11 +111,12 @@ def _config(root: Path) -> ReportConfig:
 def test_report_renders_every_section_with_its_pngs_from_run_dirs(runs, tmp_path):
     out = tmp_path / "out" / "REPORT.md"
     sections = build_report(_config(runs), out)
-    assert [s.ran for s in sections] == [True] * 5
+    shown = [s for s in sections if s.title.startswith(TITLES)]
+    assert len(shown) == 5 and all(s.ran for s in shown)
     text = out.read_text()
     for title in TITLES:
         assert f"## {title}" in text
-    for section in sections:
+    for section in shown:
         assert section.images
         for name in section.images:
             assert (out.parent / name).read_bytes()[:8] == PNG_MAGIC
@@ -133,9 +137,9 @@ def test_report_renders_every_section_with_its_pngs_from_run_dirs(runs, tmp_path
 def test_missing_inputs_give_not_run_sections_that_say_what_to_run(tmp_path):
     out = tmp_path / "REPORT.md"
     sections = build_report(_config(tmp_path / "nothing"), out)
-    assert [s.ran for s in sections] == [False] * 5
+    assert len(sections) >= 5 and [s.ran for s in sections] == [False] * len(sections)
     text = out.read_text()
-    assert text.count("**Not run.**") == 5
+    assert text.count("**Not run.**") == len(sections)
     for command in (
         "train-elastic",
         "star-elastic slice",
