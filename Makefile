@@ -47,10 +47,13 @@ demo: $(STAMP)
 	$(VENV)/bin/star-elastic slice source.dir=$(RUN_DIR)/elastic run.dir=$(RUN_DIR)/slices
 	$(VENV)/bin/star-elastic qad quant=nvfp4 source.dir=$(RUN_DIR)/elastic run.dir=$(RUN_DIR)/qad
 
-# make report — the report pipeline on CPU (about 20 min): the demo parent (trained first when
-#               missing) fine-tuned on generated arithmetic with <think> traces, importance,
-#               elastic training, slices, budget control S->S/S->L/L->S/L->L on the elastic
-#               checkpoint and on the slices, QAD fp8/nvfp4, then runs/report/REPORT.md + PNGs
+# make report — the report pipeline on CPU (about 30 min on 2 cores; scripts/report.sh): the demo
+#               parent (trained first when missing) fine-tuned on generated arithmetic with
+#               <think> traces, importance, elastic training with a depth axis, slices, all nine
+#               think->answer pairs over L/M/S (timed in interleaved rounds) on the elastic
+#               checkpoint (narrow) and on the slices, the run without stage 2, every budget
+#               distilled alone, width vs depth, a second held-out corpus, QAD fp8/nvfp4, then
+#               runs/report/REPORT.md + PNGs
 REPORT_DIR ?= runs/report
 
 report: $(STAMP)

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from megatron_ext.config.schema import DataConfig, TrainConfig
+from megatron_ext.data.config import DataConfig
 from megatron_ext.distill_chunked import hidden_states_only, output_head
 from megatron_ext.elastic.curriculum import CurriculumConfig, sample_budget
 from megatron_ext.elastic.step import elastic_loss
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.models.builder import attention_mask
+from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import build_batches
 from megatron_ext.training.engine import Engine
 from megatron_ext.training.engine_config import EngineConfig

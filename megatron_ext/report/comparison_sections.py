@@ -15,8 +15,11 @@ from typing import Any
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.inputs import Missing, read_summary
 from megatron_ext.report.markdown import Section, md_table, not_run
+from megatron_ext.report.plots import plot_comparison
 
 COMPARISONS_SCRIPT = "bench/report_comparisons.py"
+NESTED_PNG = "nested_vs_standalone.png"
+WIDTH_DEPTH_PNG = "width_vs_depth.png"
 NOISE_SIGMAS = 2.0  # a difference counts when it exceeds twice its standard error
 
 
@@ -95,7 +98,18 @@ def nested_section(cfg: ReportConfig, out_dir: Path) -> Section:
         "",
         "; ".join(verdicts) + ".",
     ]
-    return Section(title, "\n".join(body), headline="; ".join(verdicts), figures=figures)
+    kinds = {"zero-shot": "zero_shot", "standalone": "standalone", "elastic": "elastic"}
+    budgets = summary.get("budgets", {})
+    plot_comparison(
+        list(budgets),
+        {k: [_loss(b[v])[0] for b in budgets.values()] for k, v in kinds.items()},
+        {k: [_acc(b[v])[0] for b in budgets.values()] for k, v in kinds.items()},
+        out_dir / NESTED_PNG,
+        "nested (elastic) vs standalone, equal tokens",
+    )
+    return Section(
+        title, "\n".join(body), [NESTED_PNG], headline="; ".join(verdicts), figures=figures
+    )
 
 
 def width_depth_section(cfg: ReportConfig, out_dir: Path) -> Section:
@@ -132,8 +146,7 @@ def width_depth_section(cfg: ReportConfig, out_dir: Path) -> Section:
         f"{better}-only has the lower held-out loss by {abs(dl[0]):.4f} ± {dl[1]:.4f}"
         + ("" if dl[2] else " (within noise)")
         + (
-            f"; accuracy kept (of the parent's {p_acc:.1%}): width {kept_w:.1%}, "
-            f"depth {kept_d:.1%}"
+            f"; accuracy kept (of the parent's {p_acc:.1%}): width {kept_w:.1%}, depth {kept_d:.1%}"
             if kept_w is not None and kept_d is not None
             else "; the parent answers no prompt right, so no accuracy is kept"
         )
@@ -154,7 +167,16 @@ def width_depth_section(cfg: ReportConfig, out_dir: Path) -> Section:
         "",
         verdict + ".",
     ]
-    return Section(title, "\n".join(body), headline=verdict, figures=figs)
+    kinds = ("width_only", "depth_only")
+    plot_comparison(
+        ["zero-shot", "distilled"],
+        {k: [_loss(entry[k]["zero_shot"])[0], figs[k]["loss"]] for k in kinds},
+        {k: [_acc(entry[k]["zero_shot"])[0], figs[k]["accuracy"]] for k in kinds},
+        out_dir / WIDTH_DEPTH_PNG,
+        f"width-only vs depth-only at {entry['width_only']['params']:,} / "
+        f"{entry['depth_only']['params']:,} params",
+    )
+    return Section(title, "\n".join(body), [WIDTH_DEPTH_PNG], headline=verdict, figures=figs)
 
 
 def second_corpus_section(cfg: ReportConfig, out_dir: Path) -> Section:

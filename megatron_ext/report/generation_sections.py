@@ -87,9 +87,7 @@ def with_timing_rounds(pairs: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
             continue
         q = dict(p, latency_s_scored=p.get("latency_s"), latency_s=timing["latency_median_s"])
         q["think"] = dict(p.get("think") or {}, decode_tokens_per_s=timing["think_tokens_per_s"])
-        q["answer"] = dict(
-            p.get("answer") or {}, decode_tokens_per_s=timing["answer_tokens_per_s"]
-        )
+        q["answer"] = dict(p.get("answer") or {}, decode_tokens_per_s=timing["answer_tokens_per_s"])
         out[name] = q
     return out
 

@@ -161,3 +161,21 @@ def plot_throughput(
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_title("standalone slices vs the full-width elastic model")
     return _save(fig, path)
+
+
+def plot_comparison(
+    groups: Sequence[str],
+    loss: Mapping[str, Sequence[float | None]],
+    accuracy: Mapping[str, Sequence[float | None]],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Two panels of grouped bars over ``groups``: held-out loss and task accuracy."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    grouped_bars(left, groups, loss)
+    left.set_ylabel("held-out loss (nats/token)")
+    grouped_bars(right, groups, accuracy)
+    right.set_ylabel("task accuracy (exact match)")
+    fig.suptitle(title)
+    return _save(fig, path)

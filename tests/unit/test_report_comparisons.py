@@ -260,6 +260,7 @@ def test_nested_section_says_per_budget_whether_standalone_differs_beyond_noise(
     assert "L: within noise on loss (-0.0100 ± 0.0141)" in section.body
     assert "S: elastic better on loss (+0.2000 ± 0.0141)" in section.body
     assert section.figures["S"]["accuracy_difference"] == pytest.approx(0.10)
+    assert (tmp_path / section.images[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_width_depth_section_reports_accuracy_kept_of_the_parent(cfg, tmp_path):
@@ -268,6 +269,7 @@ def test_width_depth_section_reports_accuracy_kept_of_the_parent(cfg, tmp_path):
     assert "width-only has the lower held-out loss by 0.3000 ± 0.0141;" in section.body
     assert "width 90.0%, depth 67.5%" in section.body
     assert "mismatch 0.40%" in section.body
+    assert (tmp_path / section.images[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_second_corpus_section_says_whether_the_budgets_keep_their_order(cfg, tmp_path):
