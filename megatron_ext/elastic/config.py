@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+from megatron_ext.elastic.sites import registry
+from megatron_ext.elastic.sites.base import DEPTH as DEPTH  # the layer count (sites.depth)
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 from megatron_ext.parallel import ParallelConfig
 
-AXES: tuple[str, ...] = (
-    "embedding",
-    "attn_heads",
-    "mamba_heads",
-    "mamba_head_dim",
-    "ffn",
-    "moe_experts",
-    "moe_ffn",
-)
-"""Every elastic width axis. A budget keeps a top-ranked prefix along each."""
+AXES: tuple[str, ...] = tuple(a.name for a in registry.axes() if a.width)
+"""Every elastic width axis (each site's, :mod:`megatron_ext.elastic.sites`). A budget keeps a
+top-ranked prefix along each."""
 
-DEPTH = "depth"
-"""The depth axis: a choice is the number of layers kept, the top-ranked ones by the layer
-importance recorded in the stripe layout (:mod:`megatron_ext.elastic.depth`); a skipped layer
-is the identity on the residual stream."""
-
-ELASTIC_AXES: tuple[str, ...] = (*AXES, DEPTH)
+ELASTIC_AXES: tuple[str, ...] = tuple(a.name for a in registry.axes())
 """Every axis a budget can shrink: the width axes, then depth."""
 
 BUDGET_KINDS: tuple[str, ...] = ("params", "active_params", "memory", "latency")
@@ -41,16 +31,10 @@ COMPUTE_MODES: tuple[str, ...] = ("masked", "narrow")
 (hidden channels, FFN and expert channels, attention heads, Mamba heads and head channels;
 inactive experts are masked in both modes and get no tokens either way)."""
 
-# axis -> (model field holding its full width, layer symbol it lives in; None = every model)
-AXIS_SOURCE: dict[str, tuple[str, str | None]] = {
-    "embedding": ("hidden_size", None),
-    "attn_heads": ("num_attention_heads", "*"),
-    "mamba_heads": ("mamba_num_heads", "M"),
-    "mamba_head_dim": ("mamba_head_dim", "M"),
-    "ffn": ("ffn_hidden_size", "-"),
-    "moe_experts": ("num_experts", "E"),
-    "moe_ffn": ("moe_ffn_hidden_size", "E"),
-}
+
+def elastic_axes() -> tuple[str, ...]:
+    """Every axis of the registered sites now (:data:`ELASTIC_AXES` at import)."""
+    return tuple(a.name for a in registry.axes())
 
 
 def _is_int(value: Any) -> bool:
@@ -91,23 +75,15 @@ class Budget:
         self.widths = dict(self.widths)
         for axis, width in self.widths.items():
             require(
-                axis in ELASTIC_AXES,
+                axis in elastic_axes(),
                 f"{where}.widths",
-                f"unknown axis {axis!r}; known: {ELASTIC_AXES}",
+                f"unknown axis {axis!r}; known: {elastic_axes()}",
             )
             require(
                 _is_int(width) and width > 0,
                 f"{where}.widths.{axis}",
                 f"{width!r} must be a positive integer",
             )
-
-
-class _Rule(NamedTuple):
-    """A choice ``c`` passes when ``c * mult % mod == 0``; ``why`` says what that means."""
-
-    mult: int
-    mod: int
-    why: str
 
 
 @dataclass
@@ -176,14 +152,11 @@ class ElasticConfig:
     def full_widths(self, model: HybridModelConfig) -> dict[str, int]:
         """Full width of every axis whose layer kind exists in ``model`` (``embedding`` always;
         ``depth``, the layer count, when depth is elastic)."""
-        widths = {
-            axis: getattr(model, attr)
-            for axis, (attr, symbol) in AXIS_SOURCE.items()
-            if symbol is None or model.has(symbol)
+        return {
+            a.name: a.full(model)
+            for a in registry.axes()
+            if (a.exists(model) if a.width else a.name in self.axes)
         }
-        if DEPTH in self.axes:
-            widths[DEPTH] = model.num_layers
-        return widths
 
     def widths_for(
         self, budget_name: str, model: HybridModelConfig | None = None
@@ -213,113 +186,30 @@ class ElasticConfig:
             f" (an elastic config is made for one model: for model={model.name} choose "
             f"elastic={model.name} where conf/elastic/{model.name}.yaml exists, or write one)"
         )
-        if DEPTH in self.axes:
-            _check_depth(self.axes[DEPTH], model, other_model)
-        for axis in self.axes:
-            if axis == DEPTH:
+        # the layer count first: a depth error says more than the widths it would change
+        for name in sorted(self.axes, key=lambda a: registry.axis(a).width):
+            axis = registry.axis(name)
+            registry.site_of_axis(name).check_axis(axis, self.axes[name], model, other_model)
+        for name, choices in self.axes.items():
+            site = registry.site_of_axis(name)
+            rules = site.divisibility(name, model, parallel, self)
+            if not rules:
                 continue
-            attr, symbol = AXIS_SOURCE[axis]
-            require(
-                axis in full,
-                f"elastic.axes.{axis}",
-                f"model.pattern {model.pattern!r} has no {symbol!r} layers; remove this axis"
-                + other_model,
-            )
-            first = self.axes[axis][0]
-            require(
-                first == full[axis],
-                f"elastic.axes.{axis}",
-                f"first choice {first} must be the full width model.{attr}={full[axis]}; "
-                f"start the list with {full[axis]}" + other_model,
-            )
-        for axis, choices in self.axes.items():
-            if axis == DEPTH:
-                continue
-            rules = self._rules(axis, model, parallel)
             step = math.lcm(*(r.mod // math.gcd(r.mult, r.mod) for r in rules))
             for choice in choices:
                 for rule in rules:
                     if choice * rule.mult % rule.mod:
                         raise ConfigError(
-                            f"elastic.axes.{axis}: choice {choice} {rule.why}; "
-                            f"{_fix_hint(step, full[axis])}"
+                            f"elastic.axes.{name}: choice {choice} {rule.why}; "
+                            f"{_fix_hint(step, full[name])}"
                         )
-                if axis == "moe_experts":
-                    require(
-                        choice >= model.moe_router_topk,
-                        "elastic.axes.moe_experts",
-                        f"choice {choice} must be >= model.moe_router_topk="
-                        f"{model.moe_router_topk} (each token is routed to that many experts)",
-                    )
-
-    def _rules(self, axis: str, model: HybridModelConfig, par: ParallelConfig) -> list[_Rule]:
-        """The divisibility rules of ``axis`` under ``model`` and ``par``."""
-        tp, qb = par.tp, self.quant_block
-
-        def split(what: str) -> _Rule:
-            return _Rule(1, tp, f"must be divisible by parallel.tp={tp} ({what} split over TP)")
-
-        def quant(mult: int, width: str, gemm: str) -> _Rule:
-            return _Rule(
-                mult,
-                tp * qb,
-                f"gives a per-rank width {width} that is not a multiple of "
-                f"elastic.quant_block={qb} (input of {gemm})",
-            )
-
-        def whole(groups: int, name: str) -> _Rule:
-            why = f"must be a multiple of model.{name}={groups} (equal whole heads per group)"
-            return _Rule(1, groups, why)
-
-        kv = model.kv_channels
-        head_dims = self.axes.get("mamba_head_dim", [model.mamba_head_dim])
-        heads = self.axes.get("mamba_heads", [model.mamba_num_heads])
-        table = {
-            # replicated across TP: the whole width is the input of every in-projection
-            "embedding": [_Rule(1, qb, f"is not a multiple of elastic.quant_block={qb}")],
-            "ffn": [split("channels"), quant(1, f"choice/{tp}", "fc2")],
-            "moe_ffn": [split("channels"), quant(1, f"choice/{tp}", "the expert fc2")],
-            "attn_heads": [
-                whole(model.num_query_groups, "num_query_groups"),
-                split("query groups"),
-                quant(kv, f"choice*kv_channels/tp = choice*{kv}/{tp}", "linear_proj"),
-            ],
-            "mamba_heads": [whole(model.mamba_num_groups, "mamba_num_groups"), split("groups")]
-            + [quant(d, f"choice*{d}/{tp} with mamba_head_dim {d}", "out_proj") for d in head_dims],
-            "mamba_head_dim": [
-                quant(h, f"{h}*choice/{tp} with mamba_heads {h}", "out_proj") for h in heads
-            ],
-            "moe_experts": [_Rule(1, par.ep, f"must be divisible by parallel.ep={par.ep}")],
-        }
-        return table[axis]
-
-
-def _check_depth(choices: list[int], model: HybridModelConfig, hint: str = "") -> None:
-    """Depth choices: the first is every layer; each keeps at least one layer of every kind.
-
-    The layer ranking keeps the most important layer of each kind first
-    (:func:`megatron_ext.elastic.depth.layer_order`), so a depth of at least the number of
-    layer kinds keeps every kind the model has.
-    """
-    where = f"elastic.axes.{DEPTH}"
-    require(
-        choices[0] == model.num_layers,
-        where,
-        f"first choice {choices[0]} must be every layer, len(model.pattern)={model.num_layers}; "
-        f"start the list with {model.num_layers}" + hint,
-    )
-    kinds = len(set(model.pattern))
-    require(
-        choices[-1] >= kinds,
-        where,
-        f"choice {choices[-1]} would drop a whole layer kind: model.pattern "
-        f"{model.pattern!r} has {kinds} kinds, keep at least {kinds} layers",
-    )
+                site.check_choice(name, choice, model)
 
 
 def _check_choices(axis: str, choices: list[int]) -> None:
     """Check one axis's choices on their own: known axis, positive, unique, descending."""
-    require(axis in ELASTIC_AXES, "elastic.axes", f"unknown axis {axis!r}; known: {ELASTIC_AXES}")
+    known = elastic_axes()
+    require(axis in known, "elastic.axes", f"unknown axis {axis!r}; known: {known}")
     where = f"elastic.axes.{axis}"
     require(bool(choices), where, "needs at least one choice (the full width)")
     for c in choices:

@@ -29,21 +29,11 @@ import torch
 from torch import Tensor
 
 from megatron_ext.elastic import layout
-from megatron_ext.elastic.config import AXIS_SOURCE, COMPUTE_MODES, DEPTH, ELASTIC_AXES
+from megatron_ext.elastic.config import COMPUTE_MODES, DEPTH, ELASTIC_AXES
+from megatron_ext.elastic.shard import WHOLE, Shard
+from megatron_ext.elastic.sites import registry
 from megatron_ext.models.config import HybridModelConfig
 from megatron_ext.run_format import read_elastic_layout, write_elastic_layout
-
-NARROW_AXES: tuple[str, ...] = (
-    "embedding",
-    "ffn",
-    "moe_ffn",
-    "attn_heads",
-    "mamba_heads",
-    "mamba_head_dim",
-    DEPTH,
-)
-"""Axes that narrow compute slices (``depth``: a skipped layer is not run); the experts are
-masked in both modes (an inactive expert gets no tokens, so it costs nothing either way)."""
 
 T = TypeVar("T")
 
@@ -74,7 +64,10 @@ class StripeLayout:
 
     def stripes(self, axis: str) -> int:
         """How many shards ``axis`` is striped round-robin over."""
-        return {"ffn": self.tp, "moe_ffn": self.tp, "moe_experts": self.ep}.get(axis, 1)
+        try:
+            return registry.axis(axis).shards(self.tp, self.ep)
+        except KeyError:
+            return 1
 
     def save(self, directory: str | Path) -> Path:
         """Write ``elastic_layout.json`` (``{"tp": T, "ep": E, "layer_order": [...]}``)."""
@@ -105,38 +98,18 @@ class StripeLayout:
         return sorted(self.layer_order[:depth])
 
 
-@dataclass(frozen=True)
-class Shard:
-    """This rank's block of an axis that megatron splits into ``count`` contiguous blocks."""
-
-    count: int = 1
-    index: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.index < self.count:
-            raise ValueError(f"shard index {self.index} is outside [0, {self.count})")
-
-    @classmethod
-    def of(cls, group) -> Shard:
-        """The shard of this rank in process group ``group`` (``None``: unsplit)."""
-        from megatron.core.utils import get_pg_rank, get_pg_size
-
-        return cls(count=get_pg_size(group), index=get_pg_rank(group))
-
-
-WHOLE = Shard()
-"""An axis that is not split (replicated on every rank)."""
-
-
 def model_full_widths(model: HybridModelConfig) -> dict[str, int]:
     """Full width of every elastic axis whose layer kind exists in ``model``, and its depth."""
-    widths = {
-        axis: getattr(model, attr)
-        for axis, (attr, symbol) in AXIS_SOURCE.items()
-        if symbol is None or model.has(symbol)
-    }
-    widths[DEPTH] = model.num_layers
-    return widths
+    return {a.name: a.full(model) for a in registry.axes() if not a.width or a.exists(model)}
+
+
+def _narrows(axis: str) -> bool:
+    """Whether narrow compute slices ``axis`` (``depth``: a skipped layer is not run; the
+    experts are masked in both modes, an inactive expert gets no tokens either way)."""
+    try:
+        return registry.axis(axis).narrow
+    except KeyError:
+        return False
 
 
 class ElasticController:
@@ -145,7 +118,8 @@ class ElasticController:
     ``model`` gives the full widths and the per-group head counts (attention heads per query
     group, Mamba heads per Mamba group); ``stripes`` is the reorder layout of the weights.
     Widths not given are full. ``mode`` is ``"masked"`` (full width times a mask) or
-    ``"narrow"`` (the :data:`NARROW_AXES` compute on their active components only).
+    ``"narrow"`` (the axes whose :class:`~megatron_ext.elastic.sites.base.Axis` is ``narrow``
+    compute on their active components only).
     """
 
     def __init__(
@@ -159,13 +133,11 @@ class ElasticController:
         self.model = model
         self.stripes = stripes or StripeLayout()
         self.full_widths: dict[str, int] = model_full_widths(model)
-        self.group_sizes: dict[str, int] = {}
-        if "attn_heads" in self.full_widths:
-            heads, groups = model.num_attention_heads, model.num_query_groups
-            self.group_sizes["attn_heads"] = heads // groups
-        if "mamba_heads" in self.full_widths:
-            heads, groups = model.mamba_num_heads, model.mamba_num_groups
-            self.group_sizes["mamba_heads"] = heads // groups
+        self.group_sizes: dict[str, int] = {
+            a.name: size
+            for a in registry.axes()
+            if a.name in self.full_widths and (size := a.group_size(model)) is not None
+        }
         self.widths: dict[str, int] = dict(self.full_widths)
         self.soft: dict[str, tuple[Tensor, list[int]]] = {}
         self.mode = "masked"
@@ -280,7 +252,7 @@ class ElasticController:
 
     def is_narrow(self, axis: str) -> bool:
         """Whether layers on ``axis`` compute on its active components now (narrow, not full)."""
-        return self.mode == "narrow" and axis in NARROW_AXES and not self.is_full(axis)
+        return self.mode == "narrow" and _narrows(axis) and not self.is_full(axis)
 
     def global_mask(self, axis: str, width: int | None = None) -> Tensor:
         """Bool mask over the global positions of ``axis`` (CPU) at ``width`` (default: current)."""

@@ -38,19 +38,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import Tensor
 
-from megatron_ext.elastic.config import AXES, AXIS_SOURCE, BUDGET_KINDS, DEPTH, ELASTIC_AXES
+from megatron_ext.elastic.config import BUDGET_KINDS, DEPTH
+from megatron_ext.elastic.sites.base import Num
+from megatron_ext.elastic.sites.registry import axes as registry_axes
+from megatron_ext.elastic.sites.registry import axis as registry_axis
+from megatron_ext.elastic.sites.registry import sites
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
-
-MAMBA_CONV_KERNEL = 4
-"""megatron-core ``MambaMixer``'s default ``d_conv``, which the builder keeps."""
-
-Num = Union[int, float, Tensor]
-"""An exact Python number, or a float64 tensor that carries the gradient."""
 
 
 @dataclass
@@ -116,7 +113,8 @@ def load_latency_table(path: str | Path) -> dict[str, list[tuple[float, float]]]
     require(isinstance(raw, dict) and bool(raw), where, "must be a non-empty JSON object")
     table: dict[str, list[tuple[float, float]]] = {}
     for axis, points in raw.items():
-        require(axis in AXES, where, f"unknown axis {axis!r}; known: {AXES}")
+        known = tuple(a.name for a in registry_axes() if a.width)
+        require(axis in known, where, f"unknown axis {axis!r}; known: {known}")
         require(
             isinstance(points, dict) and bool(points),
             f"{where}.{axis}",
@@ -179,8 +177,7 @@ class CostModel:
     ) -> None:
         self.model = model
         self.spec = spec
-        self.full_widths = {axis: getattr(model, attr) for axis, (attr, _) in AXIS_SOURCE.items()}
-        self.full_widths[DEPTH] = model.num_layers
+        self.full_widths = {a.name: a.full(model) for a in registry_axes()}
         self.table = load_latency_table(spec.latency_table) if spec.latency_table else None
         self.layer_order = tuple(int(j) for j in layer_order)
         if self.layer_order and sorted(self.layer_order) != list(range(model.num_layers)):
@@ -237,33 +234,32 @@ class CostModel:
 
     def memory(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Bytes of weights, KV cache and Mamba state (formula in the class docstring)."""
-        m, s, w = self.model, self.spec, self._widths(widths)
-        weights = self.params(widths) * s.bytes_per_param
-        kv = 2 * s.batch * s.seq_length * m.num_query_groups * m.kv_channels * s.kv_bytes
-        d = w["mamba_heads"] * w["mamba_head_dim"]
-        conv = (d + 2 * m.mamba_num_groups * m.mamba_state_dim) * (MAMBA_CONV_KERNEL - 1)
-        state = s.batch * (d * m.mamba_state_dim + conv) * s.state_bytes
-        return weights + self.layers(w, "*") * kv + self.layers(w, "M") * state
+        w = self._widths(widths)
+        total = self.params(widths) * self.spec.bytes_per_param
+        for site in sites():
+            total = total + site.cache_bytes(self, w)
+        return total
 
     def latency(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Latency proxy, or profiled seconds with ``spec.latency_table`` (class docstring)."""
-        m, s, w = self.model, self.spec, self._widths(widths)
+        s, w = self.spec, self._widths(widths)
         if self.table is None:
-            attn = 2 * w["attn_heads"] * m.kv_channels * s.seq_length**2
-            tokens = self.active_params(widths) * s.seq_length
-            return s.batch * (tokens + self.layers(w, "*") * attn)
-        total: Num = 0.0
+            total = self.active_params(widths) * s.seq_length
+            for site in sites():
+                total = total + site.sequence_macs(self, w)
+            return s.batch * total
+        seconds: Num = 0.0
         for axis, points in self.table.items():
-            symbol = AXIS_SOURCE[axis][1]
-            total = total + self.layers(w, symbol) * _interpolate(points, w[axis])
-        return _tensor(total)
+            symbol = registry_axis(axis).symbol
+            seconds = seconds + self.layers(w, symbol) * _interpolate(points, w[axis])
+        return _tensor(seconds)
 
     def _widths(self, widths: Mapping[str, Tensor | int] | None) -> dict[str, Num]:
         """Every axis's width: exact ints as given, tensors as float64 (keeping the graph)."""
         out: dict[str, Num] = dict(self.full_widths)
         for axis, width in (widths or {}).items():
-            if axis not in ELASTIC_AXES:
-                raise ValueError(f"unknown axis {axis!r}; known: {ELASTIC_AXES}")
+            if axis not in self.full_widths:
+                raise ValueError(f"unknown axis {axis!r}; known: {tuple(self.full_widths)}")
             if isinstance(width, Tensor):
                 if width.dim() != 0:
                     raise ValueError(f"width of {axis!r} must be a 0-dim tensor, got {width.shape}")
@@ -275,35 +271,18 @@ class CostModel:
         return out
 
     def _dense(self, w: dict[str, Num]) -> Num:
-        """Every parameter except the routed experts'."""
-        m = self.model
-        h = w["embedding"]
-        glu = 2 if m.activation == "swiglu" else 1
-        total = m.vocab_size * h * (1 if m.tie_embeddings else 2) + h  # + final norm
-        if m.has("M"):
-            heads, d = w["mamba_heads"], w["mamba_heads"] * w["mamba_head_dim"]
-            bc = 2 * m.mamba_num_groups * m.mamba_state_dim
-            conv = (d + bc) * (MAMBA_CONV_KERNEL + 1)  # weight [c, 1, K] and bias [c]
-            mamba = h + h * (2 * d + bc + heads) + conv + 3 * heads + d + d * h
-            total = total + self.layers(w, "M") * mamba
-        if m.has("*"):
-            q = w["attn_heads"] * m.kv_channels
-            attn = h + h * (q + 2 * m.num_query_groups * m.kv_channels) + q * h
-            total = total + self.layers(w, "*") * attn
-        if m.has("-"):
-            total = total + self.layers(w, "-") * (h + (glu + 1) * h * w["ffn"])
-        if m.has("E"):
-            shared = (glu + 1) * h * m.moe_shared_expert_ffn_hidden_size
-            total = total + self.layers(w, "E") * (h + w["moe_experts"] * h + shared)
+        """Every parameter except the routed experts' (each site's terms)."""
+        total: Num = 0
+        for site in sites():
+            total = total + site.params(self, w)
         return total
 
     def _routed(self, w: dict[str, Num], experts: Num) -> Num:
         """Routed-expert parameters with ``experts`` experts in every MoE layer."""
-        m = self.model
-        if not m.has("E"):
-            return 0
-        glu = 2 if m.activation == "swiglu" else 1
-        return self.layers(w, "E") * experts * (glu + 1) * w["embedding"] * w["moe_ffn"]
+        total: Num = 0
+        for site in sites():
+            total = total + site.routed_params(self, w, experts)
+        return total
 
 
 def _tensor(value: Num) -> Tensor:

@@ -1,7 +1,9 @@
 """Forward-only importance scores of every elastic axis (Nemotron Elastic / Minitron, REAP).
 
 Scores come from forward hooks on the stock megatron-core modules of a ``MambaModel``; no
-module is replaced or copied. Every score is a sum (or a mean) over calibration tokens:
+module is replaced or copied. Each site of :mod:`megatron_ext.elastic.sites` hooks and
+reduces its own axes (``Site.score``, ``Site.reduce``). Every score is a sum (or a mean) over
+calibration tokens:
 
 * ``embedding``: ``sum_{b,l} |norm(x)|`` per hidden channel, from each layer's pre-norm
   (Mamba ``norm``, ``input_layernorm``, ``pre_mlp_layernorm``); per layer, to be summed over
@@ -36,6 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_ext.elastic.sites.base import Scorer, Site, all_reduce, group_size
+from megatron_ext.elastic.sites.registry import site_for, sites
+from megatron_ext.elastic.sites.residual import embedding_scores
 from megatron_ext.models.config import HybridModelConfig, require
 
 Scores = dict[str, dict[int, Tensor]]
@@ -95,168 +100,62 @@ class ImportanceConfig:
             )
 
 
-def _size(group: Any) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def _reduce(t: Tensor, group: Any) -> Tensor:
-    if _size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def _gather(t: Tensor, group: Any, dim: int = 0) -> Tensor:
-    """All-gather ``t`` over ``group`` and concatenate in group-rank (shard) order."""
-    n = _size(group)
-    if n == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(n)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """``[..., c]`` activations as ``[tokens, c]`` float64."""
-    return t.detach().reshape(-1, t.shape[-1]).double()
-
-
-def _is_identity(module: Any) -> bool:
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    return module is None or isinstance(module, IdentityOp)
-
-
-class ImportanceScorer:
+class ImportanceScorer(Scorer):
     """Forward hooks that accumulate importance statistics on a built ``MambaModel``.
 
-    Use as a context manager around forward passes, then call :meth:`scores` (collective).
+    Every site of the registry hooks what its layer kind scores
+    (:meth:`megatron_ext.elastic.sites.base.Site.score`) and turns its accumulators into
+    scores (``Site.reduce``). Use as a context manager around forward passes, then call
+    :meth:`scores` (collective).
     """
 
     def __init__(self, model: torch.nn.Module, pg_collection: Any) -> None:
         self.model: Any = model
         self.pgs = pg_collection
         self.config: Any = model.config
+        self.routed: dict[int, Tensor] = {}
         self._acc: dict[tuple[str, int], Tensor] = {}
+        self._owner: dict[tuple[str, int], Site] = {}
         self._handles: list[Any] = []
-        self._expert_offset: dict[int, int] = {}
         require(
-            _size(getattr(pg_collection, "cp", None)) == 1,
+            group_size(getattr(pg_collection, "cp", None)) == 1,
             "parallel",
             "importance scoring does not support context parallelism",
         )
 
-    # -- hook registration --------------------------------------------------------------
-    def _zeros(self, key: tuple[str, int], *shape: int) -> Tensor:
+    # -- what the sites' hooks use ------------------------------------------------------
+    def zeros(self, site: Site, key: tuple[str, int], *shape: int) -> Tensor:
+        """A float64 accumulator under ``key``, reduced by ``site``."""
         self._acc[key] = torch.zeros(*shape, dtype=torch.float64)
+        self._owner[key] = site
         return self._acc[key]
 
-    def _hook(self, module: torch.nn.Module, fn: Callable, pre: bool = False) -> None:
+    def acc(self, key: tuple[str, int]) -> Tensor | None:
+        """The accumulator under ``key`` (``None``: none yet)."""
+        return self._acc.get(key)
+
+    def hook(self, module: torch.nn.Module, fn: Callable, pre: bool = False) -> None:
+        """Register a forward (``pre``: forward-pre) hook, removed on exit."""
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._handles.append(register(fn))
 
-    def _add_norm(self, i: int, norm: Any, where: str) -> None:
-        if _is_identity(norm):
-            raise ValueError(
-                f"decoder.layers.{i}.{where} is fused into the next linear (Transformer "
-                "Engine spec); score importance with model_backend=local"
-            )
-        acc = self._acc.get(("embedding", i))
-        if acc is None:
-            acc = self._zeros(("embedding", i), self.config.hidden_size)
-
-        def hook(_m, _args, out):
-            acc.add_(_rows(out).abs().sum(0))
-
-        self._hook(norm, hook)
-
-    def _add_mamba(self, i: int, mixer: Any) -> None:
-        dil = mixer.d_inner_local_tp
-        acc = self._zeros(("mamba_x_sq", i), dil)
-
-        def hook(_m, _args, out):
-            x = out[0][..., dil : 2 * dil]
-            acc.add_(_rows(x).square().sum(0))
-
-        self._hook(mixer.in_proj, hook)
-
-    def _add_attention(self, i: int, attn: Any) -> None:
-        heads = attn.num_attention_heads_per_partition
-        acc = self._zeros(("attn_heads", i), heads)
-
-        def hook(_m, args):
-            o = _rows(args[0])
-            acc.add_(o.view(o.shape[0], heads, -1).norm(dim=-1).sum(0))
-
-        self._hook(attn.linear_proj, hook, pre=True)
-
-    def _add_mlp(self, i: int, mlp: Any) -> None:
-        acc = self._zeros(("ffn", i), mlp.linear_fc2.weight.shape[1])
-
-        def hook(_m, args):
-            acc.add_(_rows(args[0]).abs().sum(0))
-
-        self._hook(mlp.linear_fc2, hook, pre=True)
-
-    def _add_moe(self, i: int, moe: Any) -> None:
-        experts = getattr(moe.experts, "local_experts", None)
-        if experts is None:
-            raise ValueError(
-                f"decoder.layers.{i}.mlp.experts is {type(moe.experts).__name__}; REAP scoring "
-                "needs megatron's SequentialMLP (moe_grouped_gemm=False)"
-            )
-        self._expert_offset[i] = int(moe.local_expert_indices[0])
-        n, e_tp = len(experts), self.pgs.expt_tp
-        reap = self._zeros(("moe_reap", i), n)
-        count = self._zeros(("moe_count", i), n)
-        ffn = self._zeros(("moe_ffn", i), n, experts[0].linear_fc2.weight.shape[1])
-        routed = self._zeros(("router_count", i), self.config.num_moe_experts)
-
-        def router_hook(_m, _args, out):
-            routed.add_(out[1].detach().reshape(-1, routed.numel()).double().sum(0))
-
-        self._hook(moe.router, router_hook)
-        for k, expert in enumerate(experts):
-            gate: dict[str, Tensor] = {}
-
-            def expert_pre(_m, args, gate=gate):
-                gate["p"] = args[1].detach().double().reshape(-1, 1)
-
-            def fc2_pre(_m, args, k=k, gate=gate):
-                p = gate["p"]
-                act = _rows(args[0]) / torch.where(p > 0, p, 1.0)
-                ffn[k].add_(act.abs().sum(0))
-
-            def expert_post(_m, _args, out, k=k):
-                y = out[0].detach()
-                if _size(e_tp) > 1 and y.numel():  # row-parallel partial sums: add them up
-                    y = y.clone()
-                    dist.all_reduce(y, group=e_tp)
-                count[k] += y.reshape(-1, y.shape[-1]).shape[0]
-                reap[k] += _rows(y).norm(dim=-1).sum()
-
-            self._hook(expert, expert_pre, pre=True)
-            self._hook(expert.linear_fc2, fc2_pre, pre=True)
-            self._hook(expert, expert_post)
+    def token_sum(self, t: Tensor) -> Tensor:
+        """Sum a per-rank token statistic over every rank that saw other tokens."""
+        if self.config.sequence_parallel:
+            all_reduce(t, self.pgs.tp)
+        return all_reduce(t, self.pgs.dp)
 
     def __enter__(self) -> ImportanceScorer:
-        from megatron.core.transformer.mlp import MLP
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
+        walk = sites()
         for i, layer in enumerate(self.model.decoder.layers):
-            if hasattr(layer, "mixer"):
-                self._add_norm(i, layer.norm, "norm")
-                self._add_mamba(i, layer.mixer)
-                continue
-            if not _is_identity(getattr(layer, "self_attention", None)):
-                self._add_norm(i, layer.input_layernorm, "input_layernorm")
-                self._add_attention(i, layer.self_attention)
-            mlp = getattr(layer, "mlp", None)
-            if isinstance(mlp, MoELayer):
-                self._add_norm(i, layer.pre_mlp_layernorm, "pre_mlp_layernorm")
-                self._add_moe(i, mlp)
-            elif isinstance(mlp, MLP):
-                self._add_norm(i, layer.pre_mlp_layernorm, "pre_mlp_layernorm")
-                self._add_mlp(i, mlp)
+            fed = []
+            for name, child in layer.named_children():
+                owner = site_for(child)
+                if owner is not None:
+                    owner.score(self, i, child)
+                    fed.append(name)
+            for site in walk:
+                site.score_layer(self, i, layer, fed)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,48 +163,18 @@ class ImportanceScorer:
             handle.remove()
         self._handles.clear()
 
-    # -- reduction ----------------------------------------------------------------------
-    def _token_sum(self, t: Tensor) -> Tensor:
-        """Sum a per-rank token statistic over every rank that saw other tokens."""
-        if self.config.sequence_parallel:
-            _reduce(t, self.pgs.tp)
-        return _reduce(t, self.pgs.dp)
-
     def scores(self) -> tuple[Scores, dict[int, Tensor]]:
         """Global scores on every rank, and the tokens the router sent to each expert.
 
         Collective over all ranks; call it once, after the forward passes.
         """
-        pgs = self.pgs
         out: Scores = {}
-        routed: dict[int, Tensor] = {}
-        for (kind, i), acc in sorted(self._acc.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            t = acc.clone()
-            if kind in ("embedding", "router_count"):
-                t = self._token_sum(t)
-                (routed if kind == "router_count" else out.setdefault(kind, {}))[i] = t
-            elif kind in ("ffn", "attn_heads"):
-                out.setdefault(kind, {})[i] = _reduce(_gather(t, pgs.tp), pgs.dp)
-            elif kind == "mamba_x_sq":
-                mixer = self.model.decoder.layers[i].mixer
-                s = _reduce(_gather(t, pgs.tp), pgs.dp).sqrt().view(-1, mixer.headdim)
-                out.setdefault("mamba_heads", {})[i] = s.norm(dim=1)
-                out.setdefault("mamba_head_dim", {})[i] = s.sum(0)
-            elif kind == "moe_ffn":
-                t = _gather(_reduce(_gather(t, pgs.expt_tp, dim=1), pgs.expt_dp), pgs.ep)
-                out.setdefault("moe_ffn", {})[i] = t
-            elif kind == "moe_reap":
-                total = _gather(_reduce(t, pgs.expt_dp), pgs.ep)
-                n = _gather(_reduce(self._acc[("moe_count", i)].clone(), pgs.expt_dp), pgs.ep)
-                reap = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
-                out.setdefault("moe_experts", {})[i] = reap
-        return out, routed
-
-
-def embedding_scores(scores: Scores) -> Tensor:
-    """The one residual-stream score: per-layer embedding scores summed over layers."""
-    layers = scores["embedding"]
-    return torch.stack([layers[i] for i in sorted(layers)]).sum(0)
+        self.routed = {}
+        for key, acc in sorted(self._acc.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            kind, i = key
+            for axis, t in self._owner[key].reduce(self, kind, i, acc.clone()).items():
+                out.setdefault(axis, {})[i] = t
+        return out, self.routed
 
 
 @dataclass
@@ -392,5 +261,5 @@ def compute_importance(
     finally:
         bar.close()
         model.train(was_training)
-    total = int(_reduce(tokens, pg_collection.dp).item())
+    total = int(all_reduce(tokens, pg_collection.dp).item())
     return ImportanceResult(scores=scores, tokens=total, batches=done, expert_tokens=routed)

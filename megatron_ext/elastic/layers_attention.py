@@ -20,16 +20,19 @@ core attention other than megatron's local ``DotProductAttention`` (or its SDPA 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor, nn
 
-from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
 from megatron_ext.elastic.layers_linear import column_linear_on, hidden_cols
+from megatron_ext.elastic.shard import Shard
 from megatron_ext.models.attention import SDPAttention
+
+if TYPE_CHECKING:
+    from megatron_ext.elastic.controller import ElasticController
 
 
 def qkv_rows(ctrl: ElasticController, shard: Shard, groups: int, head_dim: int, device) -> Tensor:

@@ -11,12 +11,14 @@ each axis) are plain Python attributes listed in ``elastic_fields``, removed aga
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from torch import nn
 
 from megatron_ext.dynamic import converted_class, is_outermost
-from megatron_ext.elastic.controller import ElasticController
+
+if TYPE_CHECKING:
+    from megatron_ext.elastic.controller import ElasticController
 
 
 class ElasticMixin:

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
-from megatron_ext.elastic.config import DEPTH
 from megatron_ext.elastic.layers_base import ElasticMixin
+from megatron_ext.elastic.sites.base import DEPTH
 
 
 class ElasticLayerMixin(ElasticMixin):

@@ -40,8 +40,8 @@ from megatron.core.tensor_parallel.mappings import (
 from torch import Tensor
 
 from megatron_ext.dynamic import is_converted
-from megatron_ext.elastic.controller import Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
+from megatron_ext.elastic.shard import Shard
 
 Out = tuple[Tensor, Tensor | None]
 

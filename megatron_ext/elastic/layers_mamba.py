@@ -28,16 +28,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 from torch import Tensor, nn
 
-from megatron_ext.elastic.controller import ElasticController, Shard
 from megatron_ext.elastic.layers_base import ElasticMixin
 from megatron_ext.elastic.layers_linear import column_linear_on, hidden_cols
+from megatron_ext.elastic.shard import Shard
+
+if TYPE_CHECKING:
+    from megatron_ext.elastic.controller import ElasticController
 
 
 @dataclass(frozen=True)

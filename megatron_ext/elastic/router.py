@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from megatron_ext.elastic.config import AXIS_SOURCE, DEPTH, ElasticConfig
+from megatron_ext.elastic.config import DEPTH, ElasticConfig
+from megatron_ext.elastic.sites import registry
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 
 if TYPE_CHECKING:  # feasible -> cost -> the config registry, which imports this module
@@ -165,7 +166,7 @@ def layer_counts(elastic: ElasticConfig, model: HybridModelConfig) -> dict[str, 
         if axis == DEPTH:
             counts[axis] = 1
             continue
-        symbol = AXIS_SOURCE[axis][1]
+        symbol = registry.axis(axis).symbol
         counts[axis] = 1 if symbol is None else model.count(symbol)
     return counts
 

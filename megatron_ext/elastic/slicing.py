@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megatron_ext.elastic.config import DEPTH
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import elastic_controller
-from megatron_ext.elastic.depth import kept_pattern
+from megatron_ext.elastic.sites.base import Rule, Rules
+from megatron_ext.elastic.sites.registry import axes as registry_axes
+from megatron_ext.elastic.sites.registry import sites
 from megatron_ext.models.config import (
     HybridModelConfig,
     load_model_config,
@@ -42,107 +43,39 @@ from megatron_ext.models.config import (
 )
 from megatron_ext.parallel import ParallelConfig
 
-_EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<j>\d+)(?P<tail>\..*)$")
-_LAYER = re.compile(r"^(?P<head>decoder\.layers\.)(?P<i>\d+)(?P<tail>\..*)$")
-
 
 def sliced_config(
     model: HybridModelConfig, widths: dict[str, int], stripes: StripeLayout | None = None
 ) -> HybridModelConfig:
     """``model`` with every elastic width replaced by its value in ``widths``; a ``depth``
     below the layer count keeps the layers ``stripes.layer_order`` ranks first (the pattern
-    shortens to theirs)."""
-    widths = dict(widths)
-    depth = widths.pop(DEPTH, model.num_layers)
-    kept = (stripes or StripeLayout()).kept_layers(depth, model.num_layers)
-    fields = {
-        "embedding": "hidden_size",
-        "attn_heads": "num_attention_heads",
-        "ffn": "ffn_hidden_size",
-        "mamba_heads": "mamba_num_heads",
-        "mamba_head_dim": "mamba_head_dim",
-        "moe_experts": "num_experts",
-        "moe_ffn": "moe_ffn_hidden_size",
-    }
-    changes: dict[str, Any] = {fields[axis]: width for axis, width in widths.items()}
-    changes["pattern"] = kept_pattern(model.pattern, kept)
+    shortens to theirs). Each site names its fields (``Site.sliced_fields``)."""
+    unknown = sorted(set(widths) - {a.name for a in registry_axes()})
+    if unknown:
+        raise KeyError(unknown[0])
+    changes: dict[str, Any] = {}
+    for site in sites():
+        changes.update(site.sliced_fields(model, widths, stripes or StripeLayout()))
     return dataclasses.replace(model, name=f"{model.name}_slice", **changes)
-
-
-Rules = dict[int, Tensor]  # {dim: bool mask over that dim} of one tensor
-Rule = dict[str, Rules]  # parameter name -> its rules
-
-
-def _linear(rows: Tensor | None, cols: Tensor | None) -> Rule:
-    """A linear layer: ``weight [rows, cols]``; its bias follows the rows."""
-    weight = {d: m for d, m in ((0, rows), (1, cols)) if m is not None}
-    return {"weight": weight, "bias": {} if rows is None else {0: rows}}
 
 
 class _Selection:
     """Bool masks over the TP=1 layout of every tensor an axis touches, by module name.
 
     Module names are upstream's with the layer index (``decoder.layers.<i>.``) and the local
-    expert index removed, e.g. ``mixer.in_proj`` or ``mlp.experts.local_experts.linear_fc1``.
+    expert index removed, e.g. ``mixer.in_proj`` or ``mlp.experts.local_experts.linear_fc1``;
+    every site adds its own (``Site.slice_rules``) and renames its keys (``Site.slice_rename``).
     """
 
     def __init__(self, ctrl: ElasticController) -> None:
-        cfg = ctrl.model
-        m = {axis: ctrl.global_mask(axis) for axis in ctrl.full_widths}
-        h = m["embedding"]
-        norm = {"weight": {0: h}, "bias": {0: h}}
-        self.table: dict[str, Rule] = {
-            "embedding.word_embeddings": {"weight": {1: h}},
-            "output_layer": _linear(None, h),
-            "decoder.final_norm": norm,
-            "norm": norm,  # Mamba layers' pre-norm
-            "input_layernorm": norm,
-            "pre_mlp_layernorm": norm,
-        }
-        self.experts: Tensor | None = m.get("moe_experts")
-        glu = 2 if cfg.activation == "swiglu" else 1  # fc1 rows are [gate; up] halves
-        if "attn_heads" in m:
-            heads = m["attn_heads"].view(cfg.num_query_groups, -1)  # [groups, heads per group]
-            kv = cfg.kv_channels
-            qkv = torch.ones(heads.shape[0], heads.shape[1] + 2, kv, dtype=torch.bool)
-            qkv[:, : heads.shape[1]] = heads[:, :, None]  # [q heads.., k, v] per group
-            self.table["self_attention.linear_qkv"] = _linear(qkv.reshape(-1), h)
-            head_cols = m["attn_heads"].repeat_interleave(kv)
-            self.table["self_attention.linear_proj"] = _linear(h, head_cols)
-        if "mamba_heads" in m:
-            heads = m["mamba_heads"]
-            ch = (heads[:, None] & m["mamba_head_dim"][None, :]).reshape(-1)
-            bc = torch.ones(2 * cfg.mamba_num_groups * cfg.mamba_state_dim, dtype=torch.bool)
-            self.table.update(
-                {
-                    # per head (D per channel, D_has_hdim, is not built by this project)
-                    "mixer": {"A_log": {0: heads}, "dt_bias": {0: heads}, "D": {0: heads}},
-                    "mixer.in_proj": _linear(torch.cat([ch, ch, bc, heads]), h),  # z x B C dt
-                    "mixer.conv1d": {"weight": {0: torch.cat([ch, bc])}},  # x B C
-                    "mixer.norm": {"weight": {0: ch}, "bias": {0: ch}},
-                    "mixer.out_proj": _linear(h, ch),
-                }
-            )
-            self.table["mixer.conv1d"]["bias"] = self.table["mixer.conv1d"]["weight"]
-        if "ffn" in m:
-            self.table["mlp.linear_fc1"] = _linear(m["ffn"].repeat(glu), h)
-            self.table["mlp.linear_fc2"] = _linear(h, m["ffn"])
-        if self.experts is not None:
-            fc = "mlp.experts.local_experts.linear_fc"
-            self.table.update(
-                {
-                    "mlp.router": {
-                        "weight": {0: self.experts, 1: h},
-                        "bias": {0: self.experts},
-                        "expert_bias": {0: self.experts},
-                    },
-                    f"{fc}1": _linear(m["moe_ffn"].repeat(glu), h),
-                    f"{fc}2": _linear(h, m["moe_ffn"]),
-                    "mlp.shared_experts.linear_fc1": _linear(None, h),
-                    "mlp.shared_experts.linear_fc2": _linear(h, None),
-                    "mlp.shared_experts": {"gate_weight": {1: h}},
-                }
-            )
+        masks = {axis: ctrl.global_mask(axis) for axis in ctrl.full_widths}
+        self.table: dict[str, Rule] = {}
+        self.renames: list[Callable[[str], str | None]] = []
+        for site in sites():
+            self.table.update(site.slice_rules(masks, ctrl.model))
+            rename = site.slice_rename(masks)
+            if rename is not None:
+                self.renames.append(rename)
 
     def rules(self, key: str) -> Rules:
         """``{dim: bool mask}`` for the tensor named ``key`` (an upstream state-dict name)."""
@@ -151,8 +84,17 @@ class _Selection:
         generic = re.sub(r"local_experts\.\d+\.", "local_experts.", generic)
         rule = self.table.get(generic, {}).get(name)
         if rule is None:
-            raise KeyError(f"no slicing rule for {key!r}; add one in megatron_ext.elastic.slicing")
+            raise KeyError(f"no slicing rule for {key!r}; add one to its site's slice_rules")
         return rule
+
+    def renamed(self, key: str) -> str | None:
+        """Where ``key`` lands in the slice (``None``: its component is dropped)."""
+        for rename in self.renames:
+            renamed = rename(key)
+            if renamed is None:
+                return None
+            key = renamed
+        return key
 
 
 def _index(mask: Tensor, device: torch.device) -> Tensor:
@@ -185,42 +127,13 @@ def slice_key_map(
     """Where each of ``keys`` (full-model state-dict names) lands in the slice at ``widths``:
     routed experts are renumbered in position order; dropped experts are absent."""
     probe = ElasticController(controller.model, controller.stripes, widths=widths)
-    kept, layers = _kept_experts(_Selection(probe)), _kept_layers(probe)
+    select = _Selection(probe)
     out = {}
     for key in keys:
-        renamed = _renamed(key, kept, layers)
+        renamed = select.renamed(key)
         if renamed is not None:
             out[key] = renamed
     return out
-
-
-def _kept_experts(select: _Selection) -> dict[int, int]:
-    if select.experts is None:
-        return {}
-    kept = _index(select.experts, torch.device("cpu")).tolist()
-    return {int(j): i for i, j in enumerate(kept)}
-
-
-def _kept_layers(ctrl: ElasticController) -> dict[int, int]:
-    """Global index of every kept layer -> its index in the slice (layer order)."""
-    kept = _index(ctrl.global_mask(DEPTH), torch.device("cpu")).tolist()
-    return {int(j): i for i, j in enumerate(kept)}
-
-
-def _renamed(key: str, kept_experts: dict[int, int], kept_layers: dict[int, int]) -> str | None:
-    layer = _LAYER.match(key)
-    if layer is not None:
-        i = int(layer["i"])
-        if i not in kept_layers:
-            return None
-        key = f"{layer['head']}{kept_layers[i]}{layer['tail']}"
-    match = _EXPERT.match(key)
-    if match is None:
-        return key
-    j = int(match["j"])
-    if j not in kept_experts:
-        return None
-    return f"{match['head']}{kept_experts[j]}{match['tail']}"
 
 
 @torch.no_grad()
@@ -237,10 +150,9 @@ def slice_model(
     _check_unsharded(model)
     probe = ElasticController(ctrl.model, ctrl.stripes, widths=widths)
     select = _Selection(probe)
-    kept_experts, kept_layers = _kept_experts(select), _kept_layers(probe)
     out: dict[str, Any] = {}
     for full_key, value in model.state_dict().items():
-        key = _renamed(full_key, kept_experts, kept_layers)
+        key = select.renamed(full_key)
         if key is None:
             continue
         if not isinstance(value, Tensor) or key.endswith("_extra_state"):

@@ -1,0 +1,167 @@
+"""The registry of sites (megatron_ext.elastic.sites): one home per layer kind.
+
+An axis registered in this file alone (a per-channel gain, its site and its elastic mixin
+written here, one ``registered(...)`` line) is picked up by the config checks, the
+conversion, the controller, the cost model, the reorder and the slicing, with no edit
+anywhere else; without the line the same config is refused. The real sites' axes each have
+one owner, and their names in the exports agree with what the exporters write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from megatron_ext.elastic.config import AXES, ELASTIC_AXES, ElasticConfig
+from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.convert import convert_to_elastic, elastic_modules, export
+from megatron_ext.elastic.cost import CostModel, CostSpec
+from megatron_ext.elastic.layers_base import ElasticMixin
+from megatron_ext.elastic.reorder import compute_permutations
+from megatron_ext.elastic.sites import registry
+from megatron_ext.elastic.sites.base import Axis, Divisible, Site, Step
+from megatron_ext.elastic.slicing import slice_rules, sliced_config
+from megatron_ext.models.config import ConfigError, HybridModelConfig
+from megatron_ext.parallel import ParallelConfig
+
+MODEL = HybridModelConfig()
+GAIN = Axis("gain", "kv_channels", None, narrow=False)  # full width: model.kv_channels
+FULL = MODEL.kv_channels
+HALF = FULL // 2
+
+
+class Gain(nn.Module):
+    """A per-channel gain: the dummy layer kind."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(1.0, 2.0, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+class ElasticGainMixin(ElasticMixin):
+    """Masked compute of the gain axis: inactive channels are zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.elastic_upstream.forward(self, x)
+        return self.elastic_ctrl.mask_last_dim(out, "gain")
+
+
+class GainSite(Site):
+    """Everything the gain axis needs, in one place."""
+
+    name = "gain"
+    axes = (GAIN,)
+    upstream = (Gain,)
+
+    def convert(self, module: nn.Module, ctrl, where: str) -> Iterator[Step]:
+        yield module, ElasticGainMixin, {}
+
+    def divisibility(self, axis, model, par, choices) -> list[Divisible]:
+        return [Divisible(1, 4, "must be a multiple of 4")]
+
+    def slice_rules(self, masks, model):
+        return {"gain": {"weight": {0: masks["gain"]}}}
+
+    def params(self, cost, w):
+        return w["gain"]
+
+
+class Layer(nn.Module):
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.layer_number = number
+        self.gain = Gain(FULL)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.gain(hidden_states)
+
+
+class Model(nn.Module):
+    """Two layers of gains: as much of a model as the walks need (``decoder.layers``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList([Layer(1), Layer(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.decoder.layers:
+            x = layer(x)
+        return x
+
+
+def _config(choices: list[int]) -> ElasticConfig:
+    return ElasticConfig(axes={"gain": choices}, budgets=[{"name": "half", "target": 0.5}])
+
+
+def test_an_axis_not_in_the_registry_is_refused():
+    with pytest.raises(ConfigError, match="unknown axis 'gain'"):
+        _config([FULL, HALF])
+    assert "gain" not in ELASTIC_AXES
+
+
+def test_a_registered_site_is_picked_up_by_config_convert_cost_reorder_and_slicing():
+    with registry.registered(GainSite()):
+        # config: known axis, the site's divisibility rule applies, the first choice is full
+        _config([FULL, HALF]).validate_for(MODEL, ParallelConfig())
+        with pytest.raises(ConfigError, match="must be a multiple of 4"):
+            _config([FULL, HALF + 1]).validate_for(MODEL, ParallelConfig())
+        with pytest.raises(ConfigError, match=f"must be the full width model.kv_channels={FULL}"):
+            _config([HALF]).validate_for(MODEL, ParallelConfig())
+
+        # convert + controller: the gain of every layer is masked at the chosen width
+        ctrl = ElasticController(MODEL)
+        assert ctrl.full_widths["gain"] == FULL
+        model = Model()
+        x = torch.ones(3, FULL)
+        plain = model(x)
+        convert_to_elastic(model, ctrl)
+        assert {"decoder.layers.0.gain", "decoder.layers.1.gain"} <= set(elastic_modules(model))
+        with ctrl.at({"gain": HALF}):
+            y = model(x)
+        assert torch.equal(y[:, :HALF], plain[:, :HALF])
+        assert not y[:, HALF:].any()
+        assert torch.equal(model(x), plain)  # full width again outside ``at``
+        export(model)
+        assert type(model.decoder.layers[0].gain) is Gain
+
+        # cost: the site's term, nothing else moves
+        cost = CostModel(MODEL, CostSpec("params"))
+        assert cost.params({"gain": HALF}).item() == cost.full() - (FULL - HALF)
+
+        # reorder: the default permutation ranks the channels by score
+        scores = torch.arange(FULL, dtype=torch.float64)
+        perms = compute_permutations({"gain": {0: scores}}, MODEL)
+        assert perms["gain"][0].tolist() == list(range(FULL))[::-1]
+
+        # slicing: the site's rule and its config field
+        rules = slice_rules(ctrl, {"gain": HALF})("decoder.layers.1.gain.weight")
+        assert int(rules[0].sum()) == HALF and bool(rules[0][:HALF].all())
+        assert sliced_config(MODEL, {"gain": HALF}).kv_channels == HALF
+    with pytest.raises(ConfigError, match="unknown axis 'gain'"):
+        _config([FULL, HALF])
+
+
+def test_every_axis_has_exactly_one_site_and_the_registry_lists_them_in_axis_order():
+    names = [a.name for a in registry.axes()]
+    assert len(names) == len(set(names))
+    assert tuple(names) == ELASTIC_AXES
+    assert tuple(a.name for a in registry.axes() if a.width) == AXES
+    for name in names:
+        assert name in {a.name for a in registry.site_of_axis(name).axes}
+
+
+def test_each_site_names_its_fields_as_the_nemo_exporter_writes_them():
+    from megatron_ext.export.nemo import nemo_config_kwargs
+
+    model = HybridModelConfig(pattern="M*-E")  # every layer kind
+    kwargs = nemo_config_kwargs(model, model.vocab_size)
+    for site in registry.sites():
+        for ours, theirs in site.nemo_names.items():
+            assert kwargs[theirs] == getattr(model, ours), (site.name, ours)
