@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ext.elastic.sites.base import Scorer, Site, all_reduce, group_size
+from megatron_ext.elastic.sites.base import Scorer, Site
 from megatron_ext.elastic.sites.registry import site_for, sites
 from megatron_ext.elastic.sites.residual import embedding_scores
+from megatron_ext.elastic.sites.tensors import all_reduce, group_size
 from megatron_ext.models.config import HybridModelConfig, require
 
 Scores = dict[str, dict[int, Tensor]]

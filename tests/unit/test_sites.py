@@ -22,7 +22,8 @@ from megatron_ext.elastic.cost import CostModel, CostSpec
 from megatron_ext.elastic.layers_base import ElasticMixin
 from megatron_ext.elastic.reorder import compute_permutations
 from megatron_ext.elastic.sites import registry
-from megatron_ext.elastic.sites.base import Axis, Divisible, Site, Step
+from megatron_ext.elastic.sites.base import Axis, Site, Step
+from megatron_ext.elastic.sites.divisibility import Divisible
 from megatron_ext.elastic.slicing import slice_rules, sliced_config
 from megatron_ext.models.config import ConfigError, HybridModelConfig
 from megatron_ext.parallel import ParallelConfig
