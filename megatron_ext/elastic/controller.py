@@ -28,7 +28,6 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from megatron_ext.elastic import layout
 from megatron_ext.elastic.config import COMPUTE_MODES, DEPTH, ELASTIC_AXES
 from megatron_ext.elastic.shard import WHOLE, Shard
 from megatron_ext.elastic.sites import registry
@@ -370,13 +369,8 @@ class ElasticController:
         if hit is None:
             n = self.full_widths[axis]
             try:
-                if axis == DEPTH:
-                    hit = torch.zeros(n, dtype=torch.bool)
-                    hit[self.stripes.kept_layers(width, n)] = True
-                else:
-                    hit = layout.active_mask(
-                        n, width, self.stripes.stripes(axis), self.group_sizes.get(axis)
-                    )
+                site = registry.site_of_axis(axis)
+                hit = site.global_mask(axis, n, width, self.stripes, self.group_sizes.get(axis))
             except ValueError as e:
                 raise ValueError(f"width {width} of {axis!r} does not fit the layout: {e}") from e
             self._cache[key] = hit

@@ -225,12 +225,12 @@ class CostModel:
     def params(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Total parameters, exactly those of the model sliced at ``widths``."""
         w = self._widths(widths)
-        return _tensor(self._dense(w) + self._routed(w, w["moe_experts"]))
+        return _tensor(self._dense(w) + self._routed(w, active=False))
 
     def active_params(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Parameters a token visits: the routed experts count ``top_k`` experts."""
         w = self._widths(widths)
-        return _tensor(self._dense(w) + self._routed(w, self.model.moe_router_topk))
+        return _tensor(self._dense(w) + self._routed(w, active=True))
 
     def memory(self, widths: Mapping[str, Tensor | int] | None = None) -> Tensor:
         """Bytes of weights, KV cache and Mamba state (formula in the class docstring)."""
@@ -277,11 +277,11 @@ class CostModel:
             total = total + site.params(self, w)
         return total
 
-    def _routed(self, w: dict[str, Num], experts: Num) -> Num:
-        """Routed-expert parameters with ``experts`` experts in every MoE layer."""
+    def _routed(self, w: dict[str, Num], active: bool) -> Num:
+        """Routed-expert parameters: all of them, or (``active``) those a token visits."""
         total: Num = 0
         for site in sites():
-            total = total + site.routed_params(self, w, experts)
+            total = total + site.routed_params(self, w, active)
         return total
 
 

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_ext.elastic.sites.base import Scorer, Site
+from megatron_ext.elastic.sites.registry import axes as registry_axes
 from megatron_ext.elastic.sites.registry import site_for, sites
 from megatron_ext.elastic.sites.residual import embedding_scores
 from megatron_ext.elastic.sites.tensors import all_reduce, group_size
@@ -84,19 +85,19 @@ class ImportanceConfig:
 
     def check_model(self, model: HybridModelConfig) -> None:
         """Raise ``ConfigError`` unless the stripe layout splits every axis of ``model``."""
-        tp, ep = self.stripe_tp, self.stripe_ep
-        checks = [
-            ("ffn_hidden_size", tp, "-"),
-            ("num_query_groups", tp, "*"),
-            ("mamba_num_groups", tp, "M"),
-            ("moe_ffn_hidden_size", tp, "E"),
-            ("num_experts", ep, "E"),
-        ]
-        for name, parts, symbol in checks:
+        for axis in registry_axes():
+            if not axis.width or not axis.exists(model):
+                continue
+            # a grouped axis sends whole groups to the TP ranks; a striped one its positions
+            name = axis.group[1] if axis.group is not None else axis.field
+            stripe = "tp" if axis.group is not None else axis.stripe
+            if stripe is None:
+                continue
+            parts = self.stripe_tp if stripe == "tp" else self.stripe_ep
             value = getattr(model, name)
             require(
-                not model.has(symbol) or value % parts == 0,
-                f"importance.stripe_{'ep' if name == 'num_experts' else 'tp'}",
+                value % parts == 0,
+                f"importance.stripe_{stripe}",
                 f"{parts} does not divide model.{name}={value}",
             )
 

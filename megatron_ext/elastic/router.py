@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from megatron_ext.elastic.config import DEPTH, ElasticConfig
+from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.sites import registry
 from megatron_ext.models.config import ConfigError, HybridModelConfig, require
 
@@ -35,8 +35,11 @@ MODES: tuple[str, ...] = ("homogeneous", "heterogeneous")
 """One choice per axis, or one per layer of that axis (``embedding`` and ``depth``, which are
 model-wide, are always homogeneous)."""
 
-MODEL_WIDE: tuple[str, ...] = ("embedding", DEPTH)
-"""Axes with one width for the whole model, whatever the router mode."""
+
+def _model_wide(axis: str) -> bool:
+    """Whether ``axis`` has one width for the whole model, whatever the router mode (its
+    site's axis lives in no one layer kind: ``embedding``, ``depth``)."""
+    return registry.axis(axis).symbol is None
 
 
 @dataclass
@@ -163,9 +166,6 @@ def layer_counts(elastic: ElasticConfig, model: HybridModelConfig) -> dict[str, 
     are model-wide)."""
     counts = {}
     for axis in elastic.axes:
-        if axis == DEPTH:
-            counts[axis] = 1
-            continue
         symbol = registry.axis(axis).symbol
         counts[axis] = 1 if symbol is None else model.count(symbol)
     return counts
@@ -193,14 +193,14 @@ class ElasticRouter(nn.Module):
         self.layers = {axis: 1 for axis in self.choices}
         if self.cfg.mode == "heterogeneous":
             layers = dict(layers or {})
-            missing = [a for a in self.choices if a not in MODEL_WIDE and a not in layers]
+            missing = [a for a in self.choices if not _model_wide(a) and a not in layers]
             require(
                 not missing,
                 "router.mode",
                 f"heterogeneous mode needs layer counts for {missing} (see layer_counts)",
             )
             for axis in self.choices:
-                if axis not in MODEL_WIDE:
+                if not _model_wide(axis):
                     require(layers[axis] >= 1, f"layers.{axis}", "must be >= 1")
                     self.layers[axis] = int(layers[axis])
         n_in = (len(self.budget_names) if self.cfg.input != "continuous" else 0) + (
@@ -324,7 +324,7 @@ class ElasticRouter(nn.Module):
         return AxisChoice(probs[0], onehot[0], idx[0], widths[0], gate[0], expected[0])
 
     def _per_layer(self, axis: str) -> bool:
-        return self.cfg.mode == "heterogeneous" and axis not in MODEL_WIDE
+        return self.cfg.mode == "heterogeneous" and not _model_wide(axis)
 
     def select_homogeneous(
         self, budget: str | float, feasible: FeasibleSet | None = None

@@ -166,3 +166,23 @@ def test_each_site_names_its_fields_as_the_nemo_exporter_writes_them():
     for site in registry.sites():
         for ours, theirs in site.nemo_names.items():
             assert kwargs[theirs] == getattr(model, ours), (site.name, ours)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_dense", "llama", "qwen3_moe"])
+def test_each_site_names_its_fields_as_the_hf_exporter_writes_them(family):
+    from megatron_ext.export.hf import hf_config, model_config_from_hf
+    from megatron_ext.export.hf.family import family_for_config
+    from tests.export.hf_tiny import hf_config as tiny_hf_config
+
+    model = model_config_from_hf(tiny_hf_config(family, tied=False).to_dict())
+    written = hf_config(model)
+    checked = 0
+    for site in registry.sites():
+        if not all(a.exists(model) for a in site.axes):
+            continue  # e.g. the MoE names of a dense model
+        for ours, theirs in site.hf_names.get(family_for_config(model).name, {}).items():
+            assert theirs in written, (site.name, ours)
+            if ours != "pattern":  # the pattern is a list of block types or a layer count
+                assert written[theirs] == getattr(model, ours), (site.name, ours)
+            checked += 1
+    assert checked >= 4  # hidden size, heads, FFN or experts, depth at least

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from torch import Tensor, nn
 
-from megatron_ext.elastic.layout import reorder_permutation
+from megatron_ext.elastic.layout import active_mask, reorder_permutation
 from megatron_ext.errors import require
 
 if TYPE_CHECKING:
@@ -151,6 +151,12 @@ class Site:
         """Steps for the model-level modules after the layers (final norm, output layer)."""
         return iter(())
 
+    # ---- the controller ----------------------------------------------------------------------
+    def global_mask(self, axis: str, n: int, width: int, stripes: Any, group: int | None) -> Tensor:
+        """Bool mask over the ``n`` global positions of ``axis`` that ``width`` keeps under the
+        stripe layout ``stripes`` (``group``: positions per group)."""
+        return active_mask(n, width, stripes.stripes(axis), group)
+
     # ---- config ----------------------------------------------------------------------------
     def divisibility(
         self, axis: str, model: HybridModelConfig, par: ParallelConfig, choices: Any
@@ -248,8 +254,9 @@ class Site:
         """Parameters of this kind at widths ``w`` (routed experts apart)."""
         return 0
 
-    def routed_params(self, cost: Any, w: Mapping[str, Num], experts: Num) -> Num:
-        """Parameters of ``experts`` routed experts per layer of this kind."""
+    def routed_params(self, cost: Any, w: Mapping[str, Num], active: bool) -> Num:
+        """Parameters of the routed experts of this kind: all, or (``active``) those one
+        token visits."""
         return 0
 
     def cache_bytes(self, cost: Any, w: Mapping[str, Num]) -> Num:

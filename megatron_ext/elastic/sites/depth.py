@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from megatron.core.ssm.mamba_block import MambaStack
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor, nn
@@ -57,6 +58,12 @@ class DepthSite(Site):
         """The layer itself: skipped or gated by its global ``index``."""
         context = isinstance(layer, TransformerLayer)
         yield layer, ElasticLayerMixin, {"elastic_index": index, "elastic_context": context}
+
+    def global_mask(self, axis, n, width, stripes, group) -> Tensor:
+        """The layers ``stripes.layer_order`` ranks first, ``width`` of them."""
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[stripes.kept_layers(width, n)] = True
+        return mask
 
     def check_axis(self, axis: Axis, choices: list[int], model, hint: str = "") -> None:
         """The first choice is every layer; each keeps at least one layer of every kind.

@@ -235,11 +235,13 @@ class MoESite(Site):
         shared = (mlp.glu_factor(m) + 1) * h * m.moe_shared_expert_ffn_hidden_size
         return cost.layers(w, "E") * (h + w["moe_experts"] * h + shared)
 
-    def routed_params(self, cost: Any, w: Mapping[str, Num], experts: Num) -> Num:
-        """``experts`` routed experts of ``glu*H*F + F*H`` in every kept MoE layer."""
+    def routed_params(self, cost: Any, w: Mapping[str, Num], active: bool) -> Num:
+        """The active experts (``active``: the top-k a token visits) of ``glu*H*F + F*H``
+        in every kept MoE layer."""
         m = cost.model
         if not m.has("E"):
             return 0
+        experts = m.moe_router_topk if active else w["moe_experts"]
         return (
             cost.layers(w, "E") * experts * (mlp.glu_factor(m) + 1) * w["embedding"] * w["moe_ffn"]
         )
