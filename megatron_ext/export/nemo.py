@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from megatron_ext.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer, Tokenizer
@@ -35,6 +34,7 @@ from megatron_ext.elastic.slicing import build_slice, slice_model
 from megatron_ext.export import ExportError, ExportResult
 from megatron_ext.export.tokenizer import write_hf_tokenizer
 from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.models.megatron_config import from_megatron, to_megatron
 
 CONTEXT_DIR = "context"
 WEIGHTS_DIR = "weights"
@@ -97,14 +97,6 @@ def nemo_sharded_state_dict(model: nn.Module, pattern: str) -> dict[str, Any]:
     return sharded
 
 
-_ACTIVATION_FUNCS = {
-    "squared_relu": ("megatron.core.activations", "squared_relu", False),
-    "swiglu": ("torch.nn.functional", "silu", True),
-    "gelu": ("torch.nn.functional", "gelu", False),
-}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _vocab_multiple(cfg: HybridModelConfig, tokenizer_vocab: int) -> int:
     """``make_vocab_size_divisible_by`` with which NeMo pads ``tokenizer_vocab`` to the model's
     vocabulary at TP=1 (128, NeMo's default, when that works)."""
@@ -117,103 +109,41 @@ def _vocab_multiple(cfg: HybridModelConfig, tokenizer_vocab: int) -> int:
     return cfg.vocab_size
 
 
+# ---- config: ours <-> NeMo's SSMConfig, both ways -------------------------------------------
+# SSMConfig is a TransformerConfig: its model fields are the one mapping of
+# megatron_ext.models.megatron_config; these are the SSMConfig fields that megatron's
+# MambaModel takes as arguments instead (ours, NeMo's).
+NEMO_PAIRS = (
+    ("pattern", "hybrid_override_pattern"),
+    ("max_sequence_length", "seq_length"),
+    ("position_embedding_type", "position_embedding_type"),
+    ("rotary_base", "rotary_base"),
+    ("tie_embeddings", "share_embeddings_and_output_weights"),
+)
+
+
 def nemo_config_kwargs(cfg: HybridModelConfig, tokenizer_vocab: int) -> dict:
     """Keyword arguments of NeMo's ``SSMConfig`` for ``cfg`` (only what differs from NeMo's
     defaults or matters for the shape; fusions NeMo turns on stay NeMo's choice, except RoPE
     fusion, which needs Transformer Engine at config validation)."""
-    import importlib
-
-    module, name, gated = _ACTIVATION_FUNCS[cfg.activation]
-    dtype = _DTYPES[cfg.params_dtype]
-    kwargs: dict[str, Any] = dict(
-        num_layers=cfg.num_layers,
-        hybrid_override_pattern=cfg.pattern,
-        hidden_size=cfg.hidden_size,
-        seq_length=cfg.max_sequence_length,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        position_embedding_type=cfg.position_embedding_type,
-        rotary_base=cfg.rotary_base,
+    kwargs: dict[str, Any] = to_megatron(cfg)  # upstream's activation functions, by name
+    kwargs.update({theirs: getattr(cfg, ours) for ours, theirs in NEMO_PAIRS})
+    kwargs.update(
         apply_rope_fusion=False,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        activation_func=getattr(importlib.import_module(module), name),
-        gated_linear_unit=gated,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.layernorm_epsilon,
-        add_bias_linear=False,
-        mamba_num_heads=cfg.mamba_num_heads,
-        mamba_head_dim=cfg.mamba_head_dim,
-        mamba_state_dim=cfg.mamba_state_dim,
-        mamba_num_groups=cfg.mamba_num_groups,
-        share_embeddings_and_output_weights=cfg.tie_embeddings,
-        init_method_std=cfg.init_method_std,
-        params_dtype=dtype,
-        bf16=dtype is torch.bfloat16,
-        fp16=dtype is torch.float16,
         make_vocab_size_divisible_by=_vocab_multiple(cfg, tokenizer_vocab),
     )
-    if cfg.has("E"):
-        kwargs.update(
-            num_moe_experts=cfg.num_experts,
-            moe_router_topk=cfg.moe_router_topk,
-            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_ffn_hidden_size or None,
-            moe_router_score_function=cfg.moe_router_score_function,
-            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
-            moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
-            moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-            moe_router_dtype="fp32",
-        )
     return kwargs
 
 
 def model_config_from_nemo(config: Any, vocab_size: int, name: str = "nemo") -> HybridModelConfig:
     """The :class:`HybridModelConfig` of a NeMo ``SSMConfig`` (as ``load_context`` returns);
     NeMo derives the vocabulary from the tokenizer, so ``vocab_size`` is the padded one."""
-    func = config.activation_func
-    gated = bool(config.gated_linear_unit)
-    activation = {"silu": "swiglu", "squared_relu": "squared_relu", "gelu": "gelu"}.get(
-        getattr(func, "__name__", ""), ""
-    )
-    if activation == "swiglu" and not gated or activation not in _ACTIVATION_FUNCS:
-        raise ExportError(f"SSMConfig.activation_func {func!r} (gated={gated}) is not supported")
-    fields: dict[str, Any] = dict(
-        name=name,
-        pattern=config.hybrid_override_pattern,
-        hidden_size=config.hidden_size,
-        vocab_size=vocab_size,
-        max_sequence_length=config.seq_length,
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_query_groups or config.num_attention_heads,
-        kv_channels=config.kv_channels,
-        position_embedding_type=config.position_embedding_type,
-        rotary_base=config.rotary_base,
-        ffn_hidden_size=config.ffn_hidden_size,
-        activation=activation,
-        mamba_num_heads=config.mamba_num_heads,
-        mamba_head_dim=config.mamba_head_dim,
-        mamba_state_dim=config.mamba_state_dim,
-        mamba_num_groups=config.mamba_num_groups,
-        tie_embeddings=config.share_embeddings_and_output_weights,
-        layernorm_epsilon=config.layernorm_epsilon,
-        init_method_std=config.init_method_std,
-        params_dtype={v: k for k, v in _DTYPES.items()}[config.params_dtype],
-    )
-    if config.num_moe_experts:
-        fields.update(
-            num_experts=config.num_moe_experts,
-            moe_router_topk=config.moe_router_topk,
-            moe_ffn_hidden_size=config.moe_ffn_hidden_size,
-            moe_shared_expert_ffn_hidden_size=config.moe_shared_expert_intermediate_size or 0,
-            moe_router_score_function=config.moe_router_score_function,
-            moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
-            moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
-            moe_token_dispatcher_type=config.moe_token_dispatcher_type,
-        )
-    return HybridModelConfig(**fields)
+    try:
+        fields = from_megatron(config)
+    except ValueError as err:
+        raise ExportError(f"SSMConfig.{err}") from None
+    fields.update({ours: getattr(config, theirs) for ours, theirs in NEMO_PAIRS})
+    return HybridModelConfig(name=name, vocab_size=vocab_size, **fields)
 
 
 def nemo_tokenizer(tokenizer: Tokenizer, workdir: Path) -> Any:

@@ -9,69 +9,31 @@ from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext.models.config import HybridModelConfig
+from megatron_ext.models.megatron_config import (  # noqa: F401 (squared_relu: re-exported)
+    DTYPES,
+    mamba_model_arguments,
+    squared_relu,
+    to_megatron,
+)
 from megatron_ext.models.specs import backend_provider, hybrid_stack_spec
 from megatron_ext.parallel import ParallelConfig
-
-
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)², Nano v3's expert activation.
-
-    Upstream's ``megatron.core.activations.squared_relu`` is wrapped in ``torch.compile``,
-    which recompiles for every new expert token count (dynamic MoE shapes); eager is faster.
-    """
-    return torch.relu(x).square()
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def transformer_config(
     model: HybridModelConfig, parallel: ParallelConfig, *, initialize: bool = True
 ) -> TransformerConfig:
-    """Translate the model and parallel configs into megatron-core's ``TransformerConfig``."""
+    """Translate the model and parallel configs into megatron-core's ``TransformerConfig``.
+
+    The model's shape comes from the one mapping :func:`.megatron_config.to_megatron`; this
+    adds the parallel layout and the settings for building on any device (CPU initialisation,
+    no fused kernels, no dropout).
+    """
     parallel.check_model(model)
-    dtype = _DTYPES[model.params_dtype]
-    activation = {
-        "squared_relu": (squared_relu, False),
-        "swiglu": (torch.nn.functional.silu, True),
-        "gelu": (torch.nn.functional.gelu, False),
-    }[model.activation]
-    moe = {}
-    if model.has("E"):
-        moe = dict(
-            num_moe_experts=model.num_experts,
-            moe_router_topk=model.moe_router_topk,
-            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size or None,
-            moe_router_score_function=model.moe_router_score_function,
-            moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
-            moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
-            moe_router_pre_softmax=model.moe_router_pre_softmax,
-            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-            moe_grouped_gemm=False,
-            moe_router_dtype="fp32",
-        )
+    dtype = DTYPES[model.params_dtype]
     return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.kv_channels,
-        ffn_hidden_size=model.ffn_hidden_size,
-        activation_func=activation[0],
-        gated_linear_unit=activation[1],
-        normalization="RMSNorm",
-        layernorm_epsilon=model.layernorm_epsilon,
-        add_bias_linear=False,
+        **to_megatron(model, eager_activation=True),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model.init_method_std,
-        mamba_state_dim=model.mamba_state_dim,
-        mamba_head_dim=model.mamba_head_dim,
-        mamba_num_groups=model.mamba_num_groups,
-        mamba_num_heads=model.mamba_num_heads,
         use_mamba_mem_eff_path=False,
         tensor_model_parallel_size=parallel.tp,
         expert_model_parallel_size=parallel.ep,
@@ -79,9 +41,6 @@ def transformer_config(
         context_parallel_size=parallel.cp,
         pipeline_dtype=dtype,
         sequence_parallel=parallel.use_sequence_parallel,
-        params_dtype=dtype,
-        bf16=dtype is torch.bfloat16,
-        fp16=dtype is torch.float16,
         use_cpu_initialization=True,
         perform_initialization=initialize,
         bias_dropout_fusion=False,
@@ -89,8 +48,6 @@ def transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        qk_layernorm=model.qk_layernorm,
-        **moe,
     )
 
 
@@ -124,13 +81,8 @@ def build_model(
             mamba_stack_spec=spec,
             pre_process=first,
             post_process=last,
-            vocab_size=model.vocab_size,
-            max_sequence_length=model.max_sequence_length,
-            hybrid_override_pattern=model.pattern,
-            share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type=model.position_embedding_type,
-            rotary_base=model.rotary_base,
             pg_collection=pg_collection,
+            **mamba_model_arguments(model),
         )
 
 
