@@ -20,6 +20,10 @@ Usage: python bench/longseq.py [--quick]. Writes bench/longseq.json (it starts t
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import contextlib
 import json
 import os

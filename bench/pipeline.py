@@ -18,6 +18,10 @@ PP=1, ...) and each figure is a median over repetitions.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import argparse
 import json
 import os

@@ -9,6 +9,10 @@ fields given as overrides.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import dataclasses
 import warnings
 from pathlib import Path

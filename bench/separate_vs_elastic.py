@@ -29,6 +29,10 @@ with the whole global batch per step).
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import sys
 import time

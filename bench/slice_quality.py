@@ -7,6 +7,10 @@ Measured before any elastic training: what importance ranking alone buys.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import sys
 import warnings

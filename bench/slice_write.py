@@ -9,6 +9,10 @@ repetitions, median reported. Writes bench/slice_write.json.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import statistics
 import sys

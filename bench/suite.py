@@ -13,6 +13,10 @@ its budgets are L (full), M (about half the active parameters) and S (about a th
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import argparse
 import json
 import os

@@ -11,6 +11,10 @@ one case's freed-but-kept heap out of another's (``megatron_ext.benchmark``).
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import argparse
 import json
 import warnings

@@ -8,6 +8,10 @@ are separate); rank 0 prints ``{"dp": D, "bytes_per_rank": [...]}``.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import argparse
 import json
 import os

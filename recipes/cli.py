@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noise in noisy:
         warnings.filterwarnings("ignore", message=noise)
+    from megatron_ext.compat import ensure_compat
+
+    ensure_compat()  # the entry point's shims, before any megatron-core model module is imported
     if recipe == "plan":
         return plan_main(overrides)
     if recipe not in RECIPES:

@@ -69,6 +69,9 @@ def sweep_job(cfg: DictConfig) -> Any:
         if code:
             raise RuntimeError(f"{recipe}: torchrun exited with {code}")
         return None
+    from megatron_ext.compat.engine import apply_engine_shims
+
+    apply_engine_shims()  # this job is the entry point: the shims, once, before the recipe
     return importlib.import_module(RECIPES[recipe][1]).run(cfg)
 
 

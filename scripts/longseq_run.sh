@@ -38,7 +38,7 @@ rm -rf "$ROOT/elastic"
   elastic_train.micro_batch_size=1 elastic_train.eval_batches=1 elastic_train.eval_seq_length=256 \
   elastic_train.eval_interval=1000 elastic_train.warmup_steps=1 elastic_train.log_interval=1 \
   2> "$ROOT/elastic_time.txt"
-/usr/bin/time -v "$PY" -c "import megatron_ext.elastic.trainer, recipes.train_elastic" \
+/usr/bin/time -v "$PY" -c "from megatron_ext.compat import ensure_compat; ensure_compat(); import megatron_ext.elastic.trainer, recipes.train_elastic" \
   2> "$ROOT/import_time.txt"
 run=$(grep "Maximum resident" "$ROOT/elastic_time.txt" | awk '{print $NF}')
 base=$(grep "Maximum resident" "$ROOT/import_time.txt" | awk '{print $NF}')

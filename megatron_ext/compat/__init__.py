@@ -1,8 +1,9 @@
 """Compatibility layer between megatron-core and the machine it runs on.
 
-:func:`ensure_compat` is the single entry point. It is idempotent and is called by
-:mod:`megatron_ext.models` before any megatron-core model module is imported, so every
-caller that builds a model gets it. What it applies depends on the machine:
+:func:`ensure_compat` is the single entry point. It is idempotent and is called once,
+explicitly, by the entry points (``recipes/cli.py``, ``tests/conftest.py``, the bench and
+torchrun case scripts) before any megatron-core model module is imported; no library module
+applies it on import. What it applies depends on the machine:
 
 - no CUDA: the CPU shims of :mod:`.cpu_shims` and of :mod:`.pipeline`;
 - no triton: a stub for the triton-only inference tensor ops;

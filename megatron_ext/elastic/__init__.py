@@ -1,9 +1,5 @@
 """Elastic many-in-one models: config, importance, reorder, elastic layers and slicing.
 
-Importing this package applies :func:`megatron_ext.compat.ensure_compat` first (as
-:mod:`megatron_ext.models` does), so its submodules can import megatron-core model modules.
+Importing this package applies nothing: the entry point applies
+:func:`megatron_ext.compat.ensure_compat` first (see :mod:`megatron_ext.models`).
 """
-
-from megatron_ext.compat import ensure_compat
-
-ensure_compat()

@@ -5,11 +5,7 @@ Modules: :mod:`.config` (``GenerateConfig``), :mod:`.sampling` (greedy / seeded 
 oracle), :mod:`.budget` (the think → answer switch and its per-phase timings), :mod:`.sources`
 (the budgets of an elastic checkpoint or of standalone slices).
 
-Importing this package applies :func:`megatron_ext.compat.ensure_compat` first (as
-:mod:`megatron_ext.models` does), so megatron-core's inference modules see this machine's
-kernels.
+Importing this package applies nothing: the entry point applies
+:func:`megatron_ext.compat.ensure_compat` first (see :mod:`megatron_ext.models`), so
+megatron-core's inference modules see this machine's kernels.
 """
-
-from megatron_ext.compat import ensure_compat
-
-ensure_compat()

@@ -1,10 +1,7 @@
 """The hybrid Mamba / attention / MoE model on megatron-core.
 
-Importing this package applies :func:`megatron_ext.compat.ensure_compat` first, so the
-megatron-core model modules imported by its submodules always see the shims this machine
-needs (CPU device redirects, pure-PyTorch Mamba kernels, torch norms).
+Importing this package applies nothing: an entry point (the CLI, the test conftest, a bench or
+torchrun case script) calls :func:`megatron_ext.compat.ensure_compat` once, before
+megatron-core's model modules are imported (the triton stub must come first on a machine
+without triton).
 """
-
-from megatron_ext.compat import ensure_compat
-
-ensure_compat()

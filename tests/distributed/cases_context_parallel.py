@@ -10,6 +10,10 @@ largest gradient gap after step 1 and the largest parameter gap at the end.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import sys
 import time

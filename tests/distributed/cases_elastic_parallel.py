@@ -15,6 +15,10 @@ Vocab-parallel logits are gathered over the TP group before comparing.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import shutil

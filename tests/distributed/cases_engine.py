@@ -13,6 +13,10 @@ global batch, so a DP=1 run with ``n*D`` micro-batches sees the same samples per
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import shutil

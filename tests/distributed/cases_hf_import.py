@@ -8,6 +8,10 @@ Rank 0 writes ``{"cases": {case: {"max_abs_diff": ...} | {"error": traceback}}}`
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import sys
 import time

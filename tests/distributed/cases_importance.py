@@ -12,6 +12,10 @@ so all layouts must agree up to fp32 rounding.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import shutil

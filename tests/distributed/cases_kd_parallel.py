@@ -14,6 +14,10 @@ compared with ``kd_loss`` at TP=1 (no group) on the whole vocabulary, computed o
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import sys

@@ -11,6 +11,10 @@ shards to global tensors (Mamba ``in_proj`` pieces, expert stacking) is therefor
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import shutil

@@ -14,6 +14,10 @@ numbers), as in ``cases_parallel_equivalence.py``.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import shutil
 import sys

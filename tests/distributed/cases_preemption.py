@@ -9,6 +9,10 @@ step, as the training loop does, with real signals sent by a rank to itself.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import os
 import signal
