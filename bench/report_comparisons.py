@@ -22,7 +22,10 @@ Writes OUT_DIR/summary.json (read by ``star-elastic report``) and prints tables:
 
 from __future__ import annotations
 
-import json
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import math
 import sys
 import time
@@ -58,6 +61,13 @@ from megatron_ext.models.builder import build_model  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel import ParallelConfig, init_distributed  # noqa: E402
 from megatron_ext.report import format_table  # noqa: E402
+from megatron_ext.run_format import (  # noqa: E402
+    SUMMARY,
+    checkpoints_dir,
+    read_config,
+    read_summary,
+    write_json,
+)
 from megatron_ext.training.data import build_batches  # noqa: E402
 from megatron_ext.training.loop import lm_loss  # noqa: E402
 
@@ -111,17 +121,17 @@ def main() -> None:
         sys.exit(__doc__)
     run, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     n_prompts = int(sys.argv[3]) if len(sys.argv) > 3 else 64
-    if not (run / "summary.json").exists():
+    if not (run / SUMMARY).exists():
         sys.exit(f"{run} is not a finished train-elastic run (no summary.json)")
     corpus = read_system_corpus()  # refuses before any work when the folder is absent
-    cfg = OmegaConf.load(run / "config.yaml")
+    cfg = read_config(run)
     elastic = typed(cfg, "elastic", ElasticConfig)
     data = typed(cfg, "data", DataConfig)
     seed = section(cfg, "run", RunConfig).seed
     train = typed(cfg, "elastic_train", ElasticTrainConfig)
     curriculum = typed(cfg, "curriculum", CurriculumConfig)
     dp = section(cfg, "parallel", ParallelConfig).dp
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     choices = load_choices(run) or {}
     apply_engine_shims()
     pgs = init_distributed(ParallelConfig(), seed=seed)
@@ -162,9 +172,9 @@ def main() -> None:
 
     elastic_cfg = load_model_config(run)
     model = build_model(elastic_cfg, ParallelConfig(), pgs, backend=cfg.model_backend)
-    ckpts = CheckpointManager(run / "checkpoints", pgs)
+    ckpts = CheckpointManager(checkpoints_dir(run), pgs)
     ckpts.load(ckpts.latest_valid(), model, weights_only=True)
-    ctrl = ElasticController(elastic_cfg, StripeLayout.load(run / "checkpoints"), mode="masked")
+    ctrl = ElasticController(elastic_cfg, StripeLayout.load(checkpoints_dir(run)), mode="masked")
     convert_to_elastic(model, ctrl)
     model.requires_grad_(False)
 
@@ -229,10 +239,7 @@ def main() -> None:
         elastic_steps=summary["steps"],
         elastic_tokens=summary["tokens"],
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out_dir / "summary.json")
+    write_json(out_dir / SUMMARY, results, indent=2)
     rows = []
     for name, b in results["budgets"].items():
         for kind in ("zero_shot", "standalone", "elastic"):
