@@ -86,7 +86,8 @@ def train_ratios(cfg, elastic, batch, pgs, device, reps) -> tuple[list[Ratio], d
     ratios = [
         Ratio(
             "1",
-            "elastic step at full budget ÷ plain megatron-core step (teacher forward excluded)",
+            "elastic step at full budget ÷ plain megatron-core step "
+            "(teacher decoder forward excluded)",
             med["elastic_full"] / med["plain"],
             "<=",
             1.10,

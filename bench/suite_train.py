@@ -10,8 +10,9 @@ axis, KD loss, cost term, router and student updates on the engine. All see the 
 The router's hard choice is pinned to one width combination per budget with a one-row
 :class:`FeasibleSet`, so every timed step runs the budget it is meant to; the router still
 runs and still gets its straight-through gradient. The KD teacher is either the real frozen
-parent or :class:`ReplayTeacher`, which returns the parent's logits for the batch computed
-once beforehand: the elastic step without its teacher forward.
+parent or :class:`ReplayTeacher`, which returns the parent's final hidden states for the batch
+computed once beforehand: the elastic step without its teacher's decoder forward (the
+teacher's output layer still runs inside the chunked distillation loss).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from suite_profile import layer_kind_timer
 
+from megatron_ext.distill_chunked import hidden_states_only
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController, StripeLayout
 from megatron_ext.elastic.convert import convert_to_elastic
@@ -46,16 +48,32 @@ LR = 1e-4
 
 
 class ReplayTeacher(torch.nn.Module):
-    """A frozen "teacher" that returns logits computed once: the KD step minus its forward."""
+    """A frozen "teacher" that replays its decoder's output computed once: the KD step minus
+    the teacher's decoder forward.
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    The elastic step reads the teacher's final hidden states and runs its output layer chunk
+    by chunk inside the distillation loss (``megatron_ext.distill_chunked``), so the replay
+    keeps the parent's output layer (and, when tied, its embedding weight) and returns the
+    stored hidden states whatever the input.
+    """
+
+    def __init__(self, parent: torch.nn.Module, hidden: torch.Tensor) -> None:
         super().__init__()
-        self.logits = logits
+        self.hidden = hidden
+        self.output_layer = parent.output_layer
+        self.share_embeddings_and_output_weights = parent.share_embeddings_and_output_weights
+        self._shared = parent.shared_embedding_or_output_weight() if parent.pre_process else None
+        self.post_process = True
+        self.requires_grad_(False)
         self.eval()
 
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The parent's tied embedding weight (``output_head`` reads it when tied)."""
+        return self._shared
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        """The stored logits, whatever the input."""
-        return self.logits
+        """The stored final hidden states, whatever the input."""
+        return self.hidden
 
 
 class Repeat:
@@ -170,14 +188,15 @@ def elastic_bench(
     """The student (the parent's weights, converted), router and trainers at every budget.
 
     ``teacher`` is the frozen parent, or ``None`` to build only the replay trainer (whose
-    logits come from a parent built and dropped here).
+    hidden states come from a parent built here, which only its output layer outlives).
     """
     parent = teacher if teacher is not None else build(cfg, pgs, device).eval()
     tokens, pos = batch["tokens"], batch["position_ids"]
-    with torch.no_grad():
-        logits = parent(tokens, pos, causal_mask(tokens.shape[1], tokens.device))
+    with torch.no_grad(), hidden_states_only(parent):
+        hidden = parent(tokens, pos, causal_mask(tokens.shape[1], tokens.device))
     if teacher is not None:
         teacher.requires_grad_(False)
+    replay = ReplayTeacher(parent, hidden)
     del parent
     student = build(cfg, pgs, device)
     ctrl = ElasticController(cfg, StripeLayout(), mode=elastic.compute)
@@ -195,7 +214,7 @@ def elastic_bench(
     settings = engine_config(cfg, batch, prefix="elastic_train")
     engine = Engine([student], settings, pgs, side=router, side_lr=1e-2)
     feasible = {b.name: pinned(elastic, cfg, b.name) for b in elastic.budgets}
-    teachers: dict[str, torch.nn.Module] = {"replay": ReplayTeacher(logits)}
+    teachers: dict[str, torch.nn.Module] = {"replay": replay}
     if teacher is not None:
         teachers["teacher"] = teacher
     trainers = {
