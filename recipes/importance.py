@@ -15,22 +15,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import section, to_plain
-from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
+from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig
 from megatron_ext.elastic.depth import layer_order, layer_removal_scores
 from megatron_ext.elastic.importance import ImportanceConfig, ImportanceResult, compute_importance
 from megatron_ext.elastic.reorder import (
-    apply_permutations,
     compute_permutations,
     layout_record,
     permutations_to_json,
 )
-from megatron_ext.models.builder import build_model, causal_mask
+from megatron_ext.elastic.reorder_run import reorder_checked, unsharded
+from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import ConfigError, HybridModelConfig, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, key_value_table, write_summary
@@ -48,7 +46,7 @@ from megatron_ext.run_format import (
 )
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
 from megatron_ext.tracking import Tracker
-from megatron_ext.training.data import build_batches
+from megatron_ext.training.data import held_out_batches, train_batches
 
 TABLE_LAYERS = 3  # layers shown per axis in the printed table (summary.json has them all)
 
@@ -67,12 +65,6 @@ def _parent_model(cfg: DictConfig, parent_dir: Path) -> HybridModelConfig:
     if "model" in cfg and to_plain(cfg)["model"] != OmegaConf.to_container(parent.model):
         main_print(f"note: using the parent's model config from {path}, not this run's `model`")
     return model
-
-
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    ids = batch["tokens"]
-    with torch.no_grad():
-        return model(ids, batch["position_ids"], causal_mask(ids.shape[1])).float()
 
 
 def _pairs(pairs: list[list], shape: list[int]) -> str:
@@ -113,14 +105,11 @@ def run(cfg: DictConfig) -> dict:
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
     scored_at = {"nproc": parallel.nproc, "tp": parallel.tp, "ep": parallel.ep}
 
-    calib = TrainConfig(
-        steps=imp.calib_batches,
-        micro_batch_size=imp.micro_batch_size,
-        seq_length=imp.seq_length,
-        eval_batches=1,
-        warmup_steps=0,
+    shape = dict(seq_length=imp.seq_length, micro_batch_size=imp.micro_batch_size)
+    batches, meta = train_batches(
+        data_cfg, pgs, steps=imp.calib_batches, seed=run_cfg.seed, **shape
     )
-    batches, check, meta = build_batches(data_cfg, calib, pgs, seed=run_cfg.seed)
+    check = held_out_batches(data_cfg, pgs, count=1, seed=run_cfg.seed, **shape)
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ConfigError(
             f"data: the tokenizer's {meta['vocab_size']} ids exceed the parent's "
@@ -147,19 +136,10 @@ def run(cfg: DictConfig) -> dict:
         result.scores, model_cfg, stripe_tp=imp.stripe_tp, stripe_ep=imp.stripe_ep
     )
 
-    if parallel.tp != 1 or parallel.ep != 1:  # reorder the unsharded model (DP over all ranks)
-        parallel = ParallelConfig(
-            nproc=parallel.nproc, backend=parallel.backend, timeout_s=parallel.timeout_s
-        )
-        pgs = init_distributed(parallel)
-        model = build_model(model_cfg, parallel, pgs, backend=cfg.model_backend)
-        CheckpointManager(parent_root, pgs).load(source, model, weights_only=True)
-    model.eval()
-    reference = _logits(model, check[0])
-    apply_permutations(model, perms)
-    diff = torch.tensor([float((_logits(model, check[0]) - reference).abs().max())])
-    if dist.is_initialized():
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    model, parallel, pgs = unsharded(
+        model, model_cfg, parallel, pgs, parent_root, source, cfg.model_backend
+    )
+    diff = reorder_checked(model, perms, check[0])
     out = CheckpointManager(checkpoints_dir(run_dir), pgs)
     saved = out.save(0, model, None, {"parent_checkpoint": str(source), "importance": True})
     record = layout_record(

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.config.compose import section
-from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
+from megatron_ext.config.schema import DataConfig, RunConfig
 from megatron_ext.elastic.budget_eval import load_choices
 from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.slice_run import (
@@ -22,7 +22,7 @@ from megatron_ext.models.config import ConfigError
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.report import format_table, write_summary
 from megatron_ext.runtime import prepare_run_dir
-from megatron_ext.training.data import build_batches
+from megatron_ext.training.data import held_out_batches
 from megatron_ext.training.loop import evaluate
 
 
@@ -68,14 +68,14 @@ def run(cfg: DictConfig) -> dict:
     valid = None
     if cfg.eval.enabled:
         data = section(cfg, "data", DataConfig)
-        ev = TrainConfig(
-            steps=1,
-            warmup_steps=0,
-            micro_batch_size=int(cfg.eval.micro_batch_size),
+        valid = held_out_batches(
+            data,
+            pgs,
             seq_length=int(cfg.eval.seq_length),
-            eval_batches=int(cfg.eval.batches),
+            micro_batch_size=int(cfg.eval.micro_batch_size),
+            count=int(cfg.eval.batches),
+            seed=run_cfg.seed,
         )
-        valid = build_batches(data, ev, pgs, seed=run_cfg.seed)[1]
     results = write_slices(model, model_cfg, stripes, budgets, run_dir / "slices", pgs, valid)
     full_loss = evaluate(model, valid, pgs) if valid else None
     summary = {

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import compose_recipe, section, to_plain
-from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig, TrainConfig
+from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig
 from megatron_ext.elastic.budget_eval import (
     budget_figures,
     evaluate_at,
@@ -32,7 +32,7 @@ from megatron_ext.report import format_table, write_summary
 from megatron_ext.run_format import MODEL_CONFIG, checkpoints_dir
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir, set_threads
 from megatron_ext.tracking import Tracker
-from megatron_ext.training.data import build_batches
+from megatron_ext.training.data import held_out_batches, train_batches
 from megatron_ext.training.engine import Engine
 from megatron_ext.training.engine_config import EngineConfig, microbatches_per_step
 from megatron_ext.training.loop import evaluate
@@ -74,15 +74,15 @@ def _stages(curriculum, data_cfg, train: ElasticTrainConfig, pgs, seed, num_budg
             else "elastic_train.global_batch_size"
         )
         micro = microbatches_per_step(batch, mbs, dp, field)
-        tc = TrainConfig(
-            steps=stage.steps,
-            micro_batch_size=mbs,
-            global_batch_size=batch,
+        batches, _ = train_batches(
+            data_cfg,
+            pgs,
             seq_length=stage.seq_length,
-            eval_batches=1,
-            warmup_steps=0,
+            micro_batch_size=mbs,
+            steps=stage.steps,
+            global_batch_size=batch,
+            seed=seed + 101 * (i + 1),
         )
-        batches, _, _ = build_batches(data_cfg, tc, pgs, seed=seed + 101 * (i + 1))
         plans.append(
             StagePlan(
                 stage.name,
@@ -147,14 +147,14 @@ def run(cfg: DictConfig) -> dict:
     }
 
     stages = _stages(curriculum, data_cfg, train_cfg, pgs, run_cfg.seed, len(elastic.budgets))
-    eval_tc = TrainConfig(
-        steps=1,
-        warmup_steps=0,
-        micro_batch_size=train_cfg.micro_batch_size,
+    valid = held_out_batches(
+        data_cfg,
+        pgs,
         seq_length=train_cfg.eval_seq_length,
-        eval_batches=train_cfg.eval_batches,
+        micro_batch_size=train_cfg.micro_batch_size,
+        count=train_cfg.eval_batches,
+        seed=run_cfg.seed,
     )
-    valid = build_batches(data_cfg, eval_tc, pgs, seed=run_cfg.seed)[1]
     engine_cfg = EngineConfig.of(
         train_cfg, "elastic_train", lr=stages[0].lr, global_batch_size=0
     )  # the stages' batches are checked above; lr is set per stage

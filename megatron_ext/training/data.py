@@ -13,6 +13,68 @@ from megatron_ext.data.prepare import check_split_lengths
 from megatron_ext.training.config import TrainConfig
 
 
+def _dp(pg_collection) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(pg_collection.dp), dist.get_world_size(pg_collection.dp)
+
+
+def train_batches(
+    data: DataConfig,
+    pg_collection,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    steps: int,
+    global_batch_size: int = 0,
+    seed: int,
+) -> tuple[BatchIterator, dict]:
+    """The resumable training iterator (this DP rank's micro-batches, one per ``next``) over
+    ``steps`` global batches of ``global_batch_size`` sequences (0: one micro-batch per DP
+    rank), and the dataset metadata."""
+    meta = ensure_prepared(data, seed=seed)
+    check_split_lengths(meta, seq_length, "seq_length")
+    dp_rank, dp_size = _dp(pg_collection)
+    global_batch = global_batch_size or micro_batch_size * dp_size
+    dataset = build_gpt_dataset(
+        meta["train_prefix"],
+        seq_length,
+        steps * global_batch,
+        tokenizer_for(data),
+        seed,
+        "train",
+        cache_dir=Path(meta["train_prefix"]).parent / "index_cache",
+    )
+    batches = BatchIterator(dataset, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True)
+    return batches, meta
+
+
+def held_out_batches(
+    data: DataConfig,
+    pg_collection,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    count: int,
+    seed: int,
+) -> list[dict]:
+    """``count`` fixed held-out micro-batches of this DP rank (the ``valid`` split)."""
+    meta = ensure_prepared(data, seed=seed)
+    check_split_lengths(meta, seq_length, "seq_length")
+    dp_rank, dp_size = _dp(pg_collection)
+    dataset = build_gpt_dataset(
+        meta["valid_prefix"],
+        seq_length,
+        count * micro_batch_size * dp_size,
+        tokenizer_for(data),
+        seed,
+        "valid",
+        cache_dir=Path(meta["train_prefix"]).parent / "index_cache",
+    )
+    valid = BatchIterator(dataset, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True)
+    return [next(valid) for _ in range(count)]
+
+
 def build_batches(
     data: DataConfig, train: TrainConfig, pg_collection, *, seed: int
 ) -> tuple[BatchIterator, list[dict], dict]:
@@ -21,35 +83,21 @@ def build_batches(
     Each data-parallel rank gets its own part of every global batch (its micro-batches, one
     per ``next``); TP/EP ranks of one DP replica read the same samples.
     """
-    meta = ensure_prepared(data, seed=seed)
-    check_split_lengths(meta, train.seq_length, "seq_length")
-    tokenizer = tokenizer_for(data)
-    dp_rank = dist.get_rank(pg_collection.dp) if dist.is_initialized() else 0
-    dp_size = dist.get_world_size(pg_collection.dp) if dist.is_initialized() else 1
-    global_batch = train.global_batch_size or train.micro_batch_size * dp_size
-    cache = Path(meta["train_prefix"]).parent / "index_cache"
-    train_ds = build_gpt_dataset(
-        meta["train_prefix"],
-        train.seq_length,
-        train.steps * global_batch,
-        tokenizer,
-        seed,
-        "train",
-        cache_dir=cache,
+    batches, meta = train_batches(
+        data,
+        pg_collection,
+        seq_length=train.seq_length,
+        micro_batch_size=train.micro_batch_size,
+        steps=train.steps,
+        global_batch_size=train.global_batch_size,
+        seed=seed,
     )
-    valid_ds = build_gpt_dataset(
-        meta["valid_prefix"],
-        train.seq_length,
-        train.eval_batches * train.micro_batch_size * dp_size,
-        tokenizer,
-        seed,
-        "valid",
-        cache_dir=cache,
+    valid = held_out_batches(
+        data,
+        pg_collection,
+        seq_length=train.seq_length,
+        micro_batch_size=train.micro_batch_size,
+        count=train.eval_batches,
+        seed=seed,
     )
-    batches = BatchIterator(
-        train_ds, train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True
-    )
-    valid = BatchIterator(
-        valid_ds, train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True
-    )
-    return batches, [next(valid) for _ in range(train.eval_batches)], meta
+    return batches, valid, meta
