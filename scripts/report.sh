@@ -37,7 +37,7 @@ case "$SIZE" in
   full)
     FINETUNE=(train.steps=1500 train.eval_interval=300 train.save_interval=300)
     S1=150 S2=100 SEQ1=128 CURRICULUM=(curriculum=tiny)
-    TEST=32 COMPARE_PROMPTS=24 ROUNDS=3 TIMED=4 QAD_STEPS=60 PARENT_STEPS=600 ;;
+    TEST=48 COMPARE_PROMPTS=24 ROUNDS=3 TIMED=4 QAD_STEPS=60 PARENT_STEPS=600 ;;
   smoke)
     FINETUNE=(train.steps=60 train.eval_interval=30 train.save_interval=30)
     S1=4 S2=4 SEQ1=64 CURRICULUM=(curriculum=smoke elastic_train.eval_interval=4)
