@@ -187,10 +187,9 @@ def _activations(
 
 
 def _backward(inp: PlanInputs, stage: int, seq: int, micro: int) -> float:
-    """The backward's working gradients; under full recompute they take the place of the
-    recomputed layer's activations as those are consumed, so nothing is added (measured)."""
-    if inp.recompute == "full":
-        return 0.0
+    """The backward's working gradients at the worst layer; under full recompute they sit on
+    top of that layer's recomputed activations (megatron's checkpoint runs the layer's
+    backward right after recomputing it)."""
     cfg = inp.model
     bytes_per = 4 if inp.precision == "fp32" else 2
     kinds = _stage_layers(cfg, inp.pp, stage)

@@ -6,8 +6,9 @@ of the pipeline, e.g. 2 ranks under torchrun over gloo).
 
 :func:`measure_elastic_step` builds a student and a frozen teacher of the same shape, runs one
 warm-up step (so Adam's state exists, as in every step after the first) and then measures one
-step with :class:`~megatron_ext.plan.meter.LiveTensorMeter`: the student's forward to its final
-hidden states, the teacher's under ``no_grad``, the chunked KD
+step with :class:`~megatron_ext.plan.meter.LiveTensorMeter`: the teacher's forward to its
+final hidden states under ``no_grad`` first (as :class:`megatron_ext.elastic.step.ElasticStep`
+runs it), the student's, the chunked KD
 (:func:`~megatron_ext.distill_chunked.chunked_distill_loss`), the backward and Adam's update.
 Gradients are zeroed in place, not freed, as megatron's DDP keeps its gradient buffer. The
 peak counts every live tensor: parameters, teacher, gradients, optimizer state, activations.
@@ -62,10 +63,10 @@ def measure_elastic_step(
         for p in student.parameters():
             if p.grad is not None:
                 p.grad.zero_()
+        with torch.no_grad(), hidden_states_only(teacher):  # first, as the elastic step does
+            t_hidden = teacher(tokens, pos, mask)
         with hidden_states_only(student):
             hidden = student(tokens, pos, mask)
-        with torch.no_grad(), hidden_states_only(teacher):
-            t_hidden = teacher(tokens, pos, mask)
         loss, _, _ = chunked_distill_loss(
             hidden, t_hidden, output_head(student), output_head(teacher), chunk_size=kd_chunk_size
         )

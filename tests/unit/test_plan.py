@@ -4,9 +4,8 @@ measured step.
 Hand counts are written out from the layer shapes (megatron-core's local layers, no biases).
 The prediction-vs-measurement tolerance is the issue's: within 15% of the peak of live tensor
 bytes of a real train-elastic step (student, frozen teacher, chunked KD, Adam; see
-megatron_ext.plan.measure); measured 0.98..1.00 without recompute on these shapes
-(bench/longseq.py covers sequence 256..4096, hidden 128..512, with and without full recompute,
-at PP=1 and PP=2).
+megatron_ext.plan.measure). bench/longseq.py covers sequence 256..4096, hidden 128..512, with
+and without full recompute, at PP=1 (measured 1.000..1.098) and PP=2 (0.923..1.041).
 """
 
 from __future__ import annotations
@@ -114,10 +113,11 @@ def test_under_full_recompute_the_recomputed_layer_and_the_kd_chunk_do_not_add_u
     part = plan.per_pp_stage[0]
     tokens, per_layer = 2 * 256, 3 * 64 + 1 + 2 * 96
     once = per_layer * tokens * 4  # one layer's activations while the backward recomputes it
-    assert plan.recomputed == [once] and part["backward"] == 0
+    working = 2 * 96 * tokens * 4  # its backward's gradients, on top of them
+    assert plan.recomputed == [once] and part["backward"] == working
     kept = sum(v for k, v in part.items() if k not in ("backward", "kd_chunk"))
     # the loss runs before any layer is recomputed: the peak is the larger of the two
-    assert plan.total(0) == kept - once + max(once, part["kd_chunk"])
+    assert plan.total(0) == kept - once + max(once + working, part["kd_chunk"])
 
 
 def test_the_kd_chunk_grows_with_the_chunk_not_the_sequence():
