@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_ext.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer, Tokenizer
 from megatron_ext.elastic.controller import ElasticController
+from megatron_ext.elastic.sites import registry
 from megatron_ext.elastic.slicing import build_slice, slice_model
 from megatron_ext.export import ExportError, ExportResult
 from megatron_ext.export.tokenizer import write_hf_tokenizer
@@ -111,10 +112,11 @@ def _vocab_multiple(cfg: HybridModelConfig, tokenizer_vocab: int) -> int:
 
 # ---- config: ours <-> NeMo's SSMConfig, both ways -------------------------------------------
 # SSMConfig is a TransformerConfig: its model fields are the one mapping of
-# megatron_ext.models.megatron_config; these are the SSMConfig fields that megatron's
-# MambaModel takes as arguments instead (ours, NeMo's).
+# megatron_ext.models.megatron_config. The elastic axes' fields take their NeMo names from the
+# sites (megatron_ext.elastic.sites, ``nemo_names``; the pattern is NeMo's own field there);
+# these are the other SSMConfig fields that megatron's MambaModel takes as arguments instead
+# (ours, NeMo's).
 NEMO_PAIRS = (
-    ("pattern", "hybrid_override_pattern"),
     ("max_sequence_length", "seq_length"),
     ("position_embedding_type", "position_embedding_type"),
     ("rotary_base", "rotary_base"),
@@ -127,6 +129,8 @@ def nemo_config_kwargs(cfg: HybridModelConfig, tokenizer_vocab: int) -> dict:
     defaults or matters for the shape; fusions NeMo turns on stay NeMo's choice, except RoPE
     fusion, which needs Transformer Engine at config validation)."""
     kwargs: dict[str, Any] = to_megatron(cfg)  # upstream's activation functions, by name
+    axes = registry.nemo_names(cfg.pattern)  # the sites of the layer kinds cfg has
+    kwargs.update({theirs: getattr(cfg, ours) for ours, theirs in axes.items()})
     kwargs.update({theirs: getattr(cfg, ours) for ours, theirs in NEMO_PAIRS})
     kwargs.update(
         apply_rope_fusion=False,
@@ -142,6 +146,9 @@ def model_config_from_nemo(config: Any, vocab_size: int, name: str = "nemo") -> 
         fields = from_megatron(config)
     except ValueError as err:
         raise ExportError(f"SSMConfig.{err}") from None
+    pattern = getattr(config, registry.nemo_names()["pattern"])
+    axes = registry.nemo_names(pattern)  # the sites of the layer kinds the pattern has
+    fields.update({ours: getattr(config, theirs) for ours, theirs in axes.items()})
     fields.update({ours: getattr(config, theirs) for ours, theirs in NEMO_PAIRS})
     return HybridModelConfig(name=name, vocab_size=vocab_size, **fields)
 

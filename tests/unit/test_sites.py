@@ -4,11 +4,14 @@ An axis registered in this file alone (a per-channel gain, its site and its elas
 written here, one ``registered(...)`` line) is picked up by the config checks, the
 conversion, the controller, the cost model, the reorder and the slicing, with no edit
 anywhere else; without the line the same config is refused. The real sites' axes each have
-one owner, and their names in the exports agree with what the exporters write.
+one owner, and the exporters take the axis fields' names from the sites: every name is a key
+of the family's ``transformers`` config class (or a field of NeMo's ``SSMConfig``), and an
+export then import keeps every axis field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -158,31 +161,107 @@ def test_every_axis_has_exactly_one_site_and_the_registry_lists_them_in_axis_ord
         assert name in {a.name for a in registry.site_of_axis(name).axes}
 
 
-def test_each_site_names_its_fields_as_the_nemo_exporter_writes_them():
-    from megatron_ext.export.nemo import nemo_config_kwargs
-
-    model = HybridModelConfig(pattern="M*-E")  # every layer kind
-    kwargs = nemo_config_kwargs(model, model.vocab_size)
-    for site in registry.sites():
-        for ours, theirs in site.nemo_names.items():
-            assert kwargs[theirs] == getattr(model, ours), (site.name, ours)
+def _named_fields(site: Site) -> set[str]:
+    """The fields a site's export names must cover: its widths' fields, the pattern for depth."""
+    return {a.field if a.width else "pattern" for a in site.axes}
 
 
-@pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_dense", "llama", "qwen3_moe"])
-def test_each_site_names_its_fields_as_the_hf_exporter_writes_them(family):
-    from megatron_ext.export.hf import hf_config, model_config_from_hf
+HF_TYPES = ["nemotron_h_moe", "nemotron_h_dense", "llama", "qwen3", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("tiny", HF_TYPES)
+def test_every_axis_field_of_a_site_is_a_key_of_the_family_transformers_config(tiny):
+    from megatron_ext.export.hf import model_config_from_hf
     from megatron_ext.export.hf.family import family_for_config
     from tests.export.hf_tiny import hf_config as tiny_hf_config
 
-    model = model_config_from_hf(tiny_hf_config(family, tied=False).to_dict())
-    written = hf_config(model)
+    hf = tiny_hf_config(tiny, tied=False)
+    model = model_config_from_hf(hf.to_dict())
+    keys = set(type(hf)().to_dict())  # the keys transformers' own config class declares
+    family = family_for_config(model).name
     checked = 0
     for site in registry.sites():
         if not all(a.exists(model) for a in site.axes):
-            continue  # e.g. the MoE names of a dense model
-        for ours, theirs in site.hf_names.get(family_for_config(model).name, {}).items():
-            assert theirs in written, (site.name, ours)
-            if ours != "pattern":  # the pattern is a list of block types or a layer count
-                assert written[theirs] == getattr(model, ours), (site.name, ours)
+            continue  # e.g. the MoE names of a dense Llama
+        names = site.hf_names.get(family, {})
+        assert _named_fields(site) <= set(names), (site.name, family)
+        for ours, theirs in names.items():
+            assert theirs in keys, (site.name, ours, theirs, type(hf).__name__)
             checked += 1
     assert checked >= 4  # hidden size, heads, FFN or experts, depth at least
+
+
+@pytest.mark.parametrize("tiny", HF_TYPES)
+def test_an_hf_export_then_import_keeps_every_axis_field(tiny):
+    from megatron_ext.export.hf import hf_config, model_config_from_hf
+    from tests.export.hf_tiny import hf_config as tiny_hf_config
+
+    hf = tiny_hf_config(tiny, tied=False)
+    model = model_config_from_hf(hf.to_dict())
+    if model.has("E"):  # 6 experts, not the tiny models' 4 = attention heads
+        model = dataclasses.replace(model, num_experts=6)
+    fields = sorted({f for site in registry.sites() for f in _named_fields(site)})
+    # the widths differ from each other, so two swapped keys change the result
+    widths = [a.full(model) for a in registry.axes() if a.width and a.exists(model)]
+    assert len(set(widths)) == len(widths), widths
+    # through transformers' own config class: what it keeps of the written config.json
+    written = type(hf)(**hf_config(model)).to_dict()
+    back = model_config_from_hf(written)
+    for f in fields:
+        assert getattr(back, f) == getattr(model, f), f
+
+
+def test_every_nemo_name_is_a_transformer_config_field_or_a_mamba_model_argument():
+    import inspect
+
+    from megatron.core.models.mamba.mamba_model import MambaModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # NeMo's SSMConfig is megatron's TransformerConfig plus MambaModel's arguments
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    known |= set(inspect.signature(MambaModel.__init__).parameters)
+    for site in registry.sites():
+        assert _named_fields(site) <= set(site.nemo_names), site.name
+        for ours, theirs in site.nemo_names.items():
+            assert theirs in known, (site.name, ours, theirs)
+
+
+@pytest.mark.parametrize("pattern", ["M*-E", "M*-", "*E*E"])
+def test_a_nemo_export_then_import_keeps_every_axis_field(pattern):
+    from types import SimpleNamespace
+
+    from megatron_ext.export.nemo import model_config_from_nemo, nemo_config_kwargs
+
+    # widths that differ from each other, so two swapped names change the result
+    model = HybridModelConfig(pattern=pattern, num_experts=4, moe_ffn_hidden_size=48)
+    kwargs = nemo_config_kwargs(model, model.vocab_size)
+    back = model_config_from_nemo(SimpleNamespace(**kwargs), model.vocab_size)
+    for site in registry.sites():
+        if all(a.exists(model) for a in site.axes):
+            for field in _named_fields(site):
+                assert getattr(back, field) == getattr(model, field), (site.name, field)
+
+
+def test_an_axis_field_a_site_names_is_written_and_read_by_the_hf_exporter():
+    from megatron_ext.export.hf import hf_config, model_config_from_hf
+
+    class BaseSite(Site):  # a dummy axis over a field no family writes: the RoPE base
+        name = "base"
+        axes = (Axis("base", "rotary_base", None, narrow=False),)
+        hf_names = {"nemotron_h": {"rotary_base": "rope_base"}}
+
+    model = HybridModelConfig(position_embedding_type="none")  # a Nemotron-H model
+    assert "rope_base" not in hf_config(model)
+    with registry.registered(BaseSite()):
+        written = hf_config(model)
+        assert written["rope_base"] == model.rotary_base
+        written["rope_base"] = 2 * model.rotary_base
+        assert model_config_from_hf(written).rotary_base == 2 * model.rotary_base
+
+
+def test_two_sites_naming_one_field_differently_are_refused():
+    class Clash(GainSite):
+        hf_names = {"nemotron_h": {"hidden_size": "d_model"}}
+
+    with registry.registered(Clash()), pytest.raises(ValueError, match="model.hidden_size"):
+        registry.hf_names("nemotron_h")

@@ -8,7 +8,7 @@ layer kind is one site module and one line in :data:`_SITES`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from megatron_ext.elastic.sites.attention import AttentionSite
@@ -61,6 +61,29 @@ def site_for(module: object) -> Site | None:
         if site.upstream and isinstance(module, site.upstream):
             return site
     return None
+
+
+def _names(of: Callable[[Site], Mapping[str, str]], symbols: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for site in _SITES:
+        if symbols is not None and any(a.symbol not in (None, *symbols) for a in site.axes):
+            continue
+        for ours, theirs in of(site).items():
+            if out.setdefault(ours, theirs) != theirs:
+                raise ValueError(f"sites name model.{ours} both {out[ours]!r} and {theirs!r}")
+    return out
+
+
+def hf_names(family: str, symbols: str | None = None) -> dict[str, str]:
+    """Model field -> ``config.json`` key in Hugging Face family ``family``, of every site
+    (``symbols``: only the sites whose axes live in these layer symbols, or in every model)."""
+    return _names(lambda site: site.hf_names.get(family, {}), symbols)
+
+
+def nemo_names(symbols: str | None = None) -> dict[str, str]:
+    """Model field -> NeMo ``SSMConfig`` field, of every site (``symbols`` as in
+    :func:`hf_names`; a model's pattern picks the sites of its layer kinds)."""
+    return _names(lambda site: site.nemo_names, symbols)
 
 
 @contextmanager

@@ -55,12 +55,7 @@ def hf_incompatibilities(cfg: HybridModelConfig) -> list[str]:
 
 def check_hf_compatible(cfg: HybridModelConfig) -> None:
     """Raise :class:`ExportError` listing every reason ``cfg`` cannot be written exactly."""
-    problems = hf_incompatibilities(cfg)
-    if problems:
-        raise ExportError(
-            f"cannot export to Hugging Face {hf_architecture(cfg)} exactly:\n  - "
-            + "\n  - ".join(problems)
-        )
+    family_for_config(cfg).check(cfg)
 
 
 def conv_kernel(state: dict[str, Any]) -> int:

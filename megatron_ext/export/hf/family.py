@@ -37,7 +37,8 @@ class HFFamily:
     incompatibilities: Callable[[HybridModelConfig], list[str]]
     """Why a config cannot be written in this family exactly (empty when it can)."""
     config_to_hf: Callable[[HybridModelConfig, Tokenizer | None, int], dict[str, Any]]
-    """``config.json`` of a config (tokenizer for the special ids, Mamba conv kernel)."""
+    """``config.json`` of a config (tokenizer for the special ids, Mamba conv kernel); the
+    caller has run :meth:`check`."""
     config_from_hf: Callable[..., HybridModelConfig]
     """``(config_json, **overrides)`` -> config; refuses what megatron cannot build the same."""
     names: Callable[[str, HybridModelConfig], tuple[str, ...]]
@@ -46,6 +47,16 @@ class HFFamily:
     """Add the HF tensors megatron has no tensor for (e.g. a zero expert bias)."""
     redundant: Callable[[str, Tensor, dict[str, Tensor]], bool]
     """Whether an HF tensor megatron has no place for changes nothing (may be dropped)."""
+
+    def check(self, cfg: HybridModelConfig) -> None:
+        """Raise :class:`ExportError` listing every reason ``cfg`` cannot be written in this
+        family exactly."""
+        problems = self.incompatibilities(cfg)
+        if problems:
+            raise ExportError(
+                f"cannot export to Hugging Face {self.architecture(cfg)[0]} exactly:\n  - "
+                + "\n  - ".join(problems)
+            )
 
 
 def _families() -> dict[str, HFFamily]:

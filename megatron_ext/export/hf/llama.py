@@ -47,7 +47,14 @@ from torch import Tensor
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.export import ExportError
 from megatron_ext.export.hf.family import HFFamily
-from megatron_ext.export.hf.mapping import Fixed, Pair, config_from_hf, config_to_hf
+from megatron_ext.export.hf.mapping import (
+    Convert,
+    Fixed,
+    Pair,
+    axis_pairs,
+    config_from_hf,
+    config_to_hf,
+)
 from megatron_ext.models.config import HybridModelConfig
 
 ARCHITECTURES = {
@@ -77,20 +84,20 @@ def _rope_from_hf(rope: dict[str, Any]) -> int:
 
 
 # ---- config: ours <-> config.json, one line per pair -----------------------------------------
+# The elastic axes' fields (widths, the pattern) take their keys from the sites
+# (megatron_ext.elastic.sites, ``hf_names``); this family says how their values convert.
 
 PAIRS = (
-    Pair("hidden_size", "hidden_size"),
     Pair("vocab_size", "vocab_size"),
     Pair("max_sequence_length", "max_position_embeddings", default=2048),
-    Pair("num_attention_heads", "num_attention_heads"),
     Pair("num_query_groups", "num_key_value_heads"),
     Pair("kv_channels", "head_dim"),
-    Pair("ffn_hidden_size", "intermediate_size"),
     Pair("rotary_base", "rope_parameters", _rope_to_hf, _rope_from_hf),
     Pair("tie_embeddings", "tie_word_embeddings", bool, bool, default=False),
     Pair("layernorm_epsilon", "rms_norm_eps", default=1e-6),
     Pair("init_method_std", "initializer_range", default=0.02),
 )
+"""The fields of no elastic axis, in every model type."""
 
 FIXED = (
     Fixed("hidden_act", "silu", "the MLP is SwiGLU (silu(gate) * up)"),
@@ -98,15 +105,23 @@ FIXED = (
     Fixed("mlp_bias", False, "biases are not built here"),
     Fixed("attention_dropout", 0.0, "attention dropout is not built here"),
 )
-_DENSE_LAYERS = Pair("pattern", "num_hidden_layers", lambda p: len(p) // 2, lambda n: "*-" * n)
-_MOE_PAIRS = (
-    Pair("pattern", "num_hidden_layers", lambda p: len(p) // 2, lambda n: "*E" * int(n)),
-    Pair("num_experts", "num_local_experts"),  # transformers' name; "num_experts" is read too
-    Pair("moe_router_topk", "num_experts_per_tok"),
-    Pair("moe_ffn_hidden_size", "moe_intermediate_size"),
-    Pair("moe_router_pre_softmax", "norm_topk_prob", lambda p: not p, lambda n: not n),
-)
-_PAIRS_BY_TYPE = {"llama": (_DENSE_LAYERS,), "qwen3": (_DENSE_LAYERS,), "qwen3_moe": _MOE_PAIRS}
+_DENSE_LAYERS = Convert(lambda p: len(p) // 2, lambda n: "*-" * n)
+_MOE_LAYERS = Convert(lambda p: len(p) // 2, lambda n: "*E" * int(n))
+_AXES_BY_TYPE: dict[str, tuple[str, dict[str, Convert]]] = {
+    # the layer symbols whose sites' fields the type has (Qwen3-MoE keeps the dense MLP's
+    # intermediate_size), and how the layer count converts
+    "llama": ("*-", {"pattern": _DENSE_LAYERS}),
+    "qwen3": ("*-", {"pattern": _DENSE_LAYERS}),
+    "qwen3_moe": ("*-E", {"pattern": _MOE_LAYERS}),
+}
+_PAIRS_BY_TYPE = {
+    "llama": (),
+    "qwen3": (),
+    "qwen3_moe": (
+        Pair("moe_router_topk", "num_experts_per_tok"),
+        Pair("moe_router_pre_softmax", "norm_topk_prob", lambda p: not p, lambda n: not n),
+    ),
+}
 _NO_SLIDING = Fixed("use_sliding_window", False, "sliding-window attention is not built here")
 _FIXED_BY_TYPE = {
     "llama": (Fixed("pretraining_tp", 1, "the sliced-matmul emulation of pretraining_tp"),),
@@ -119,6 +134,13 @@ _FIXED_BY_TYPE = {
 }
 
 
+def pairs(kind: str) -> tuple[Pair, ...]:
+    """Every field's pair in model type ``kind``: the common and the type's own fields, and
+    the registered sites' axis fields."""
+    symbols, convert = _AXES_BY_TYPE[kind]
+    return PAIRS + _PAIRS_BY_TYPE[kind] + axis_pairs("llama", convert, symbols)
+
+
 def model_type(cfg: HybridModelConfig) -> str:
     """``qwen3_moe`` with MoE layers, else ``qwen3`` with query/key norms, else ``llama``."""
     if cfg.has("E"):
@@ -129,9 +151,9 @@ def model_type(cfg: HybridModelConfig) -> str:
 def to_hf_config(
     cfg: HybridModelConfig, tokenizer: Tokenizer | None = None, conv_kernel: int = 4
 ) -> dict[str, Any]:
-    """The Llama / Qwen3 ``config.json`` of ``cfg`` (``conv_kernel`` is unused)."""
+    """The Llama / Qwen3 ``config.json`` of ``cfg`` (checked by the caller: :attr:`FAMILY`
+    .check; ``conv_kernel`` is unused)."""
     del conv_kernel
-    check(cfg)
     kind = model_type(cfg)
     eod = tokenizer.eod if tokenizer is not None else None
     extra: dict[str, Any] = {}
@@ -141,7 +163,7 @@ def to_hf_config(
         "architectures": [ARCHITECTURES[kind]],
         "model_type": kind,
         "dtype": cfg.params_dtype,
-        **config_to_hf(PAIRS + _PAIRS_BY_TYPE[kind], FIXED + _FIXED_BY_TYPE[kind], cfg),
+        **config_to_hf(pairs(kind), FIXED + _FIXED_BY_TYPE[kind], cfg),
         **extra,
         "bos_token_id": None,
         "eos_token_id": eod,
@@ -163,13 +185,13 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> HybridModelConfig:
         }
     if hf.get("num_key_value_heads") is None:
         hf["num_key_value_heads"] = hf["num_attention_heads"]
-    if hf.get("num_local_experts") is None and hf.get("num_experts") is not None:
+    if hf.get("num_local_experts") is None and hf.get("num_experts") is not None:  # an alias
         hf["num_local_experts"] = hf["num_experts"]
     if hf.get("head_dim") is None:
         hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
     if kind != "llama" and any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise ExportError(f"config.json layer_types={hf['layer_types']}: only full attention")
-    fields = config_from_hf(PAIRS + _PAIRS_BY_TYPE[kind], FIXED + _FIXED_BY_TYPE[kind], hf)
+    fields = config_from_hf(pairs(kind), FIXED + _FIXED_BY_TYPE[kind], hf)
     if kind == "qwen3_moe":
         fields.update(
             moe_router_score_function="softmax",
@@ -219,16 +241,6 @@ def incompatibilities(cfg: HybridModelConfig) -> list[str]:
             "(model.activation=swiglu)"
         )
     return problems
-
-
-def check(cfg: HybridModelConfig) -> None:
-    """Raise :class:`ExportError` listing every reason ``cfg`` is not a Llama / Qwen3 model."""
-    problems = incompatibilities(cfg)
-    if problems:
-        raise ExportError(
-            f"cannot export to Hugging Face {ARCHITECTURES[model_type(cfg)]} exactly:\n  - "
-            + "\n  - ".join(problems)
-        )
 
 
 # ---- tensors: ours <-> HF, one line per pair -------------------------------------------------

@@ -2,6 +2,9 @@
 
 * :class:`Pair`: one ``HybridModelConfig`` field and its ``config.json`` key, with the
   conversion each way next to each other;
+* :func:`axis_pairs`: the pairs of the elastic axes' fields, under the keys their sites
+  declare (``hf_names`` in :mod:`megatron_ext.elastic.sites`), with the family's
+  :class:`Convert` where a value is not written as it is;
 * :class:`Fixed`: a ``config.json`` value the megatron model always has (written on export,
   required on import, with the reason);
 * :func:`split_tensor` / :func:`merge_tensors`: the only two places where one megatron tensor
@@ -10,13 +13,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from megatron_ext.elastic.sites import registry
 from megatron_ext.export import ExportError
 from megatron_ext.models.config import HybridModelConfig
 
@@ -41,6 +45,33 @@ class Pair:
     to_hf: Callable[[Any], Any] = _same
     from_hf: Callable[[Any], Any] = _same
     default: Any = _NO_DEFAULT
+
+
+@dataclass(frozen=True)
+class Convert:
+    """How a family writes one axis field whose ``config.json`` key a site names: the
+    conversions and ``default`` of a :class:`Pair`."""
+
+    to_hf: Callable[[Any], Any] = _same
+    from_hf: Callable[[Any], Any] = _same
+    default: Any = _NO_DEFAULT
+
+
+def axis_pairs(
+    family: str, convert: Mapping[str, Convert], symbols: str | None = None
+) -> tuple[Pair, ...]:
+    """The :class:`Pair` of every axis field the registered sites name in ``family``
+    (``symbols``: only the sites of these layer kinds), converted as ``convert`` says."""
+    names = registry.hf_names(family, symbols)
+    unknown = sorted(set(convert) - set(names))
+    if unknown:
+        raise ValueError(f"no site names {unknown} in the Hugging Face family {family!r}")
+    plain = Convert()
+    return tuple(
+        Pair(ours, theirs, c.to_hf, c.from_hf, c.default)
+        for ours, theirs in names.items()
+        for c in (convert.get(ours, plain),)
+    )
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,14 @@ from torch import Tensor
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.export import ExportError
 from megatron_ext.export.hf.family import HFFamily
-from megatron_ext.export.hf.mapping import Fixed, Pair, config_from_hf, config_to_hf
+from megatron_ext.export.hf.mapping import (
+    Convert,
+    Fixed,
+    Pair,
+    axis_pairs,
+    config_from_hf,
+    config_to_hf,
+)
 from megatron_ext.models.config import HybridModelConfig
 
 ARCHITECTURE = "NemotronHForCausalLM"
@@ -69,33 +76,41 @@ def _activation_from_hf(act: str) -> str:
 
 
 # ---- config: ours <-> config.json, one line per pair -----------------------------------------
+# The elastic axes' fields (widths, the pattern) take their keys from the sites
+# (megatron_ext.elastic.sites, ``hf_names``); this family says how their values convert.
+
+AXIS_CONVERT = {
+    "pattern": Convert(
+        lambda p: [_V5_BLOCK_TYPES[s] for s in p], lambda t: "".join(_FROM_BLOCK[x] for x in t)
+    ),
+    "num_experts": Convert(default=8),
+    "moe_ffn_hidden_size": Convert(default=0),
+}
 
 PAIRS = (
-    Pair("hidden_size", "hidden_size"),
     Pair("vocab_size", "vocab_size"),
     Pair("max_sequence_length", "max_position_embeddings", default=4096),
-    Pair("pattern", "layers_block_type",
-         lambda p: [_V5_BLOCK_TYPES[s] for s in p], lambda t: "".join(_FROM_BLOCK[x] for x in t)),
-    Pair("num_attention_heads", "num_attention_heads"),
     Pair("num_query_groups", "num_key_value_heads"),
     Pair("kv_channels", "head_dim"),
-    Pair("ffn_hidden_size", "intermediate_size"),
     Pair("activation", "mlp_hidden_act", _ACTIVATIONS.__getitem__, _activation_from_hf,
          default="squared_relu"),
-    Pair("mamba_num_heads", "mamba_num_heads"),
-    Pair("mamba_head_dim", "mamba_head_dim"),
     Pair("mamba_state_dim", "ssm_state_size"),
     Pair("mamba_num_groups", "n_groups"),
     Pair("mamba_chunk_size", "chunk_size", default=128),
-    Pair("num_experts", "n_routed_experts", default=8),
     Pair("moe_router_topk", "num_experts_per_tok", default=1),
-    Pair("moe_ffn_hidden_size", "moe_intermediate_size", default=0),
     Pair("moe_shared_expert_ffn_hidden_size", "moe_shared_expert_intermediate_size", default=0),
     Pair("moe_router_topk_scaling_factor", "routed_scaling_factor", float, float, default=1.0),
     Pair("tie_embeddings", "tie_word_embeddings", bool, bool, default=False),
     Pair("layernorm_epsilon", "layer_norm_epsilon", default=1e-5),
     Pair("init_method_std", "initializer_range", default=0.02),
 )  # fmt: skip
+"""The fields of no elastic axis."""
+
+
+def pairs() -> tuple[Pair, ...]:
+    """Every field's pair: :data:`PAIRS` and the registered sites' axis fields."""
+    return PAIRS + axis_pairs(MODEL_TYPE, AXIS_CONVERT)
+
 
 FIXED = (
     Fixed("n_group", 1, "grouped expert routing has no megatron equivalent here"),
@@ -116,20 +131,19 @@ FIXED = (
 def to_hf_config(
     cfg: HybridModelConfig, tokenizer: Tokenizer | None = None, conv_kernel: int = 4
 ) -> dict[str, Any]:
-    """The Nemotron-H ``config.json`` of ``cfg``.
+    """The Nemotron-H ``config.json`` of ``cfg`` (checked by the caller: :attr:`FAMILY`.check).
 
     ``expand`` is informational (the mixer width is ``mamba_num_heads * mamba_head_dim``).
     ``time_step_min`` and ``time_step_limit[0]`` are 0: Nemotron-H clamps softplus(dt) from
     below, megatron does not clamp, and softplus is positive, so a floor of 0 is no clamp.
     """
-    check(cfg)
     eod, pad = _special_ids(tokenizer)
     topk = cfg.moe_router_topk
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
         "dtype": cfg.params_dtype,
-        **config_to_hf(PAIRS, FIXED, cfg),
+        **config_to_hf(pairs(), FIXED, cfg),
         "hybrid_override_pattern": cfg.pattern,  # the field of pre-v5 loaders
         "num_hidden_layers": cfg.num_layers,
         "attention_dropout": 0.0,
@@ -157,7 +171,7 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> HybridModelConfig:
         hf["layers_block_type"] = [_BLOCK_TYPES[s] for s in hf["hybrid_override_pattern"]]
     if hf.get("num_key_value_heads") is None:
         hf["num_key_value_heads"] = hf.get("num_attention_heads")
-    fields = config_from_hf(PAIRS, FIXED, hf)
+    fields = config_from_hf(pairs(), FIXED, hf)
     topk = fields["moe_router_topk"]
     if "E" in fields["pattern"] and bool(hf.get("norm_topk_prob", topk > 1)) != (topk > 1):
         raise ExportError(
@@ -223,16 +237,6 @@ def incompatibilities(cfg: HybridModelConfig) -> list[str]:
             f"norm, so they agree only at {MAMBA_GATED_NORM_EPS}"
         )
     return problems
-
-
-def check(cfg: HybridModelConfig) -> None:
-    """Raise :class:`ExportError` listing every reason ``cfg`` is not a Nemotron-H model."""
-    problems = incompatibilities(cfg)
-    if problems:
-        raise ExportError(
-            f"cannot export to Hugging Face Nemotron-H ({ARCHITECTURE}) exactly:\n  - "
-            + "\n  - ".join(problems)
-        )
 
 
 # ---- tensors: ours <-> HF, one line per pair -------------------------------------------------
