@@ -12,6 +12,7 @@ from megatron_ext.checkpoint import CheckpointManager
 from megatron_ext.compat import backend_report
 from megatron_ext.compat.optional import have_fp8_gemm
 from megatron_ext.config.compose import section
+from megatron_ext.config.preflight import check_qad_layout
 from megatron_ext.config.schema import DataConfig, RunConfig, TrainConfig
 from megatron_ext.data.cache import tokenizer_for
 from megatron_ext.elastic.budget_eval import load_choices, save_choices
@@ -34,9 +35,9 @@ from megatron_ext.quant.qad import (
     train_qad,
 )
 from megatron_ext.quant.report import HEADERS, budget_rows, plot_quant_budgets
-from megatron_ext.quant.state import save_quant_state
+from megatron_ext.quant.state import quant_state, write_quant_state
 from megatron_ext.report import format_table, write_summary
-from megatron_ext.runtime import main_print, prepare_run_dir
+from megatron_ext.runtime import is_main, main_print, prepare_run_dir
 from megatron_ext.training.data import build_batches
 from megatron_ext.training.engine import Engine
 from megatron_ext.training.engine_config import EngineConfig
@@ -44,7 +45,12 @@ from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, Preem
 
 
 def _batches(data: DataConfig, qad: QADConfig, calib: int, pgs, seed: int):
-    """(training iterator, calibration batches, held-out batches)."""
+    """(training iterator, calibration batches, held-out batches).
+
+    Each data-parallel rank reads its part of every training batch; the calibration and
+    held-out batches are the same on every rank (those of one process), so the scales and
+    the per-budget figures do not depend on the layout.
+    """
     tc = TrainConfig(
         steps=max(1, qad.steps),
         warmup_steps=0,
@@ -55,20 +61,22 @@ def _batches(data: DataConfig, qad: QADConfig, calib: int, pgs, seed: int):
     )
     train, _, _ = build_batches(data, tc, pgs, seed=seed + 1)
     calib_tc = dataclasses.replace(tc, steps=calib, global_batch_size=0)
-    calib_it, _, _ = build_batches(data, calib_tc, pgs, seed=seed + 2)
+    calib_it, _, _ = build_batches(data, calib_tc, pgs, seed=seed + 2, split_over_dp=False)
     ev = dataclasses.replace(tc, seq_length=qad.eval_seq_length, eval_batches=qad.eval_batches)
-    valid = build_batches(data, ev, pgs, seed=seed)[1]
+    valid = build_batches(data, ev, pgs, seed=seed, split_over_dp=False)[1]
     return train, [next(calib_it) for _ in range(calib)], valid
 
 
 def _teacher(cfg: DictConfig, qad: QADConfig, source: Path, pgs, backend: str, model_cfg, stripes):
-    """The frozen teacher and its elastic controller (``None`` for the non-elastic parent)."""
+    """The frozen teacher and its elastic controller (``None`` for the non-elastic parent),
+    sharded like the student."""
+    parallel = section(cfg, "parallel", ParallelConfig)
     if qad.teacher == "parent":
         parent = str(cfg.parent.dir) or json.loads((source / "summary.json").read_text())["source"]
-        teacher = load_source(Path(parent), pgs, backend)[0]
+        teacher = load_source(Path(parent), pgs, backend, parallel)[0]
         ctrl = None
     else:
-        teacher = load_source(source, pgs, backend)[0]
+        teacher = load_source(source, pgs, backend, parallel)[0]
         ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
         convert_to_elastic(teacher, ctrl)
     return teacher.eval().requires_grad_(False), ctrl
@@ -76,6 +84,10 @@ def _teacher(cfg: DictConfig, qad: QADConfig, source: Path, pgs, backend: str, m
 
 def run(cfg: DictConfig) -> dict:
     """Calibrate (PTQ), distill (QAD), evaluate every budget; save, report, plot.
+
+    At the layout of ``parallel`` (TP, EP, PP, DP: the elastic checkpoint is resharded on
+    load); the figures, the checkpoint and ``quant_state.json`` are those of one process up
+    to rounding.
 
     QAD checkpoints every ``qad_train.save_interval`` steps. A restarted run (``run.resume``)
     redoes the deterministic PTQ from the source, then continues QAD from the newest
@@ -87,6 +99,8 @@ def run(cfg: DictConfig) -> dict:
     data = section(cfg, "data", DataConfig)
     quant = section(cfg, "quant", QuantConfig)
     qad = section(cfg, "qad_train", QADConfig)
+    parallel = section(cfg, "parallel", ParallelConfig)
+    check_qad_layout(parallel, bool(cfg.export))
     backend, why = resolve_backend(quant)
     model_backend = "te" if backend == "te" else str(cfg.model_backend)
     source = Path(str(cfg.source.dir))
@@ -94,12 +108,14 @@ def run(cfg: DictConfig) -> dict:
         check_quantized_hf_compatible(load_model_config(source))  # refuse before the long work
     engine_cfg = EngineConfig.of(qad, "qad_train", weight_decay=0.0)
     engine_cfg.microbatches(1)  # a global batch that does not split fails before the work
-    pgs = init_distributed(ParallelConfig())  # PTQ/QAD of the unsharded (TP=1) elastic model
+    pgs = init_distributed(parallel)
     preemption = PreemptionHandler().install()
+    model_cfg = load_model_config(source)
+    parallel.check_model(model_cfg)
+    elastic.validate_for(model_cfg, parallel)
     run_dir = prepare_run_dir(cfg, run_cfg.dir)
     set_seed(run_cfg.seed)
-    student, stripes, model_cfg = load_source(source, pgs, model_backend)
-    elastic.validate_for(model_cfg, ParallelConfig())
+    student, stripes, model_cfg = load_source(source, pgs, model_backend, parallel)
     budgets = requested_widths(elastic, model_cfg, "all", {}, load_choices(source))
     teacher, teacher_ctrl = _teacher(cfg, qad, source, pgs, model_backend, model_cfg, stripes)
     ctrl = ElasticController(model_cfg, stripes=stripes, mode="masked")
@@ -115,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
         ref = evaluate_budgets(student, ctrl, budgets, valid, pgs)
     if record is not None:
         full = {"full": ctrl.full_widths}
-        calibrate(student, calib, ctrl, budgets if quant.calib_budgets == "all" else full)
+        calibrate(student, calib, ctrl, budgets if quant.calib_budgets == "all" else full, pgs)
     with quant_mode(student, "quant", backend, quant.format):
         kd = {"ptq": evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)}
         ptq = evaluate_budgets(student, ctrl, budgets, valid, pgs)
@@ -160,11 +176,13 @@ def run(cfg: DictConfig) -> dict:
             path = ckpts.save(0, student, None, tags)
 
     figures = budget_figures(budgets, ref, ptq, final, kd)
-    stripes.save(run_dir / "checkpoints")
-    save_model_config(model_cfg, run_dir)
-    save_choices(run_dir, budgets)
-    if record is not None:
-        save_quant_state(student, run_dir)
+    qstate = quant_state(student, pgs) if record is not None else None  # every rank's
+    if qstate is not None:
+        write_quant_state(qstate, run_dir)
+    if is_main():
+        stripes.save(run_dir / "checkpoints")
+        save_model_config(model_cfg, run_dir)
+        save_choices(run_dir, budgets)
     exports = {}
     if cfg.export and record is not None:
         from megatron_ext.export.quantized import export_quantized_hf
@@ -188,16 +206,19 @@ def run(cfg: DictConfig) -> dict:
         "recovery": RECOVERY,
         "quant": dataclasses.asdict(quant),
         "qad_train": dataclasses.asdict(qad),
-        "quantized_modules": sorted(record.modules) if record else [],
-        "high_precision": dict(record.high_precision) if record else {},
+        "quantized_modules": sorted(qstate["modules"]) if qstate else [],
+        "high_precision": dict(qstate["high_precision"]) if qstate else {},
         "qad": None if history is None else history.summary(),
+        "qad_curve": [] if history is None else [dict(s) for s in history.steps],
+        "parallel": dataclasses.asdict(parallel),
         "checkpoint": str(path),
         "exports": exports,
         "budgets": figures,
     }
-    write_summary(run_dir, summary)
     title = f"{quant.format.upper()} {model_cfg.name} ({backend})"
-    plot_quant_budgets(figures, run_dir / "quant_budgets.png", title)
+    if is_main():
+        write_summary(run_dir, summary)
+        plot_quant_budgets(figures, run_dir / "quant_budgets.png", title)
     main_print(f"{title}: {run_dir} (reference dtype {model_cfg.params_dtype})")
     main_print(format_table(HEADERS, budget_rows(figures)))
     destroy_distributed()

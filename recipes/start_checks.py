@@ -92,8 +92,8 @@ def check_before_start(name: str, cfg: DictConfig) -> None:
         section(cfg, "train", TrainConfig)
     model = _model_of(cfg, name)
     if model is not None and "elastic" in cfg:
-        # only train-elastic builds the elastic model at its own layout; the others at TP=1
-        at = parallel if name == "train_elastic" else ParallelConfig()
+        # train-elastic and qad build the elastic model at their own layout; the others at TP=1
+        at = parallel if name in ("train_elastic", "qad") else ParallelConfig()
         section(cfg, "elastic", ElasticConfig).validate_for(model, at)
     if "curriculum" in cfg and "elastic_train" in cfg:
         train = section(cfg, "elastic_train", ElasticTrainConfig)

@@ -21,7 +21,7 @@ from megatron_ext.models.config import (
 from megatron_ext.parallel import ParallelConfig
 from megatron_ext.run_format import MODEL_CONFIG
 
-PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent", "train-elastic"})
+PIPELINED_RECIPES: frozenset[str] = frozenset({"train-parent", "train-elastic", "qad"})
 """Recipes whose training steps run on megatron-core's pipeline schedules (``pp > 1``)."""
 
 CONTEXT_PARALLEL_RECIPES: frozenset[str] = frozenset({"train-parent"})
@@ -41,6 +41,17 @@ def _model(cfg: DictConfig) -> HybridModelConfig | None:
     if "model" in cfg:
         return section(cfg, "model", HybridModelConfig)
     return None
+
+
+def check_qad_layout(parallel: ParallelConfig, export: bool) -> None:
+    """Raise :class:`ConfigError` for a qad layout it cannot run: ``export=true`` on
+    several ranks (the quantized Hugging Face export is written from one unsharded process)."""
+    if export and parallel.nproc > 1:
+        raise ConfigError(
+            f"export: qad writes the quantized Hugging Face exports from one process, not "
+            f"from parallel.nproc={parallel.nproc} ranks; set export=false (the QAD "
+            "checkpoint and quant_state.json are saved at any layout), or use parallel=single"
+        )
 
 
 def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
@@ -66,6 +77,8 @@ def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
             "is refused (context parallelism is tested only with data and expert parallelism, "
             "against cp=1); set parallel.cp=1, or parallel.tp=1 and parallel.pp=1"
         )
+    if recipe == "qad":
+        check_qad_layout(parallel, bool(cfg.get("export", False)))
     model = _model(cfg)
     if model is not None:
         parallel.check_model(model)

@@ -84,15 +84,22 @@ def widths_source(budget: str, chosen: dict[str, dict[str, int]] | None) -> str:
     return "config (elastic.budgets widths)"
 
 
-def load_source(source_dir: Path, pg_collection, backend: str = "auto"):
-    """The source run's model (TP=1), its stripe layout, and its model config."""
+def load_source(
+    source_dir: Path, pg_collection, backend: str = "auto", parallel: ParallelConfig | None = None
+):
+    """The source run's model, its stripe layout, and its model config.
+
+    The model is built at ``parallel`` (default: one unsharded process) and its checkpoint,
+    saved at any layout, is resharded into it on load (torch_dist).
+    """
     model_cfg = load_model_config(source_dir)
     root = checkpoints_dir(source_dir)
     ckpts = CheckpointManager(root, pg_collection)
     latest = ckpts.latest_valid()
     if latest is None:
         raise CheckpointError(f"source.dir: no valid checkpoint under {root}")
-    model = build_model(model_cfg, ParallelConfig(), pg_collection, backend=backend)
+    layout = parallel or ParallelConfig()
+    model = build_model(model_cfg, layout, pg_collection, backend=backend)
     ckpts.load(latest, model, weights_only=True)
     stripes = StripeLayout.load(root) if has_elastic_layout(root) else StripeLayout()
     return model.eval(), stripes, model_cfg

@@ -42,6 +42,7 @@ from megatron_ext.quant.layers import (
     make_plain_linear,
     make_quantized,
 )
+from megatron_ext.quant.parallel import global_names
 
 _RECORD = "_quant_record"
 
@@ -65,14 +66,18 @@ def _linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _attention_layers(model: nn.Module) -> set[str]:
-    """Prefixes (``decoder.layers.<i>.``) of attention layers and the Mamba layer before each."""
-    layers = list(getattr(getattr(model, "decoder", None), "layers", []))
-    kinds = []
-    for layer in layers:
-        attn = isinstance(getattr(layer, "self_attention", None), Attention)
-        kinds.append(
-            "*" if attn else "M" if isinstance(getattr(layer, "mixer", None), MambaMixer) else ""
-        )
+    """Prefixes (``decoder.layers.<i>.``, unsharded numbers) of attention layers and of the
+    Mamba layer before each: from the model's whole hybrid pattern when it has one (a pipeline
+    stage's own layers may not hold the Mamba layer before its first attention layer)."""
+    pattern = getattr(model, "hybrid_override_pattern", None)
+    if isinstance(pattern, str) and pattern:
+        kinds = list(pattern)
+    else:
+        kinds = []
+        for layer in list(getattr(getattr(model, "decoder", None), "layers", [])):
+            attn = isinstance(getattr(layer, "self_attention", None), Attention)
+            mamba = isinstance(getattr(layer, "mixer", None), MambaMixer)
+            kinds.append("*" if attn else "M" if mamba else "")
     out = set()
     for i, kind in enumerate(kinds):
         if kind != "*":
@@ -127,25 +132,27 @@ def plan(
     attention = _attention_layers(model) if cfg.attention_high_precision else set()
     rules = budget_rules(controller, budgets) if controller is not None and budgets else {}
     chosen, kept = [], {}
+    unsharded = global_names(model)  # patterns and rules name the unsharded model's modules
     for name, module in linears.items():
         if is_quantized_module(module):
             raise TypeError(f"{name} is already quantized; export_quantized() it first")
-        skip = next((p for p in cfg.skip if fnmatch.fnmatch(name, p)), None)
+        glob = unsharded[name]
+        skip = next((p for p in cfg.skip if fnmatch.fnmatch(glob, p)), None)
         why = None
         if skip is not None:
             why = f"quant.skip pattern {skip!r}"
         elif getattr(module, "weight", None) is None:
             why = "no weight of its own (shared with the embedding)"
-        elif any(name.startswith(prefix) for prefix in attention):
+        elif any(glob.startswith(prefix) for prefix in attention):
             why = "attention policy (quant.attention_high_precision)"
         elif cfg.format == "nvfp4":
             k = int(cast(Tensor, module.weight).shape[1])
             if k % NVFP4_BLOCK:
                 why = f"input dimension {k} is not a multiple of {NVFP4_BLOCK}"
             elif rules:
-                why = block_misalignment(name, rules)
+                why = block_misalignment(glob, rules)
                 if why is not None and cfg.misaligned == "error":
-                    raise ConfigError(f"quant.misaligned: {name}: {why}")
+                    raise ConfigError(f"quant.misaligned: {glob}: {why}")
         if why is None:
             chosen.append(name)
         else:

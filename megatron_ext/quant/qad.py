@@ -14,6 +14,13 @@ Gradients reach the weights straight through the fake quantizers; the per-tensor
 scales stay those of calibration, the weight scales follow the weights. The steps run on
 :class:`~megatron_ext.training.engine.Engine` (megatron-core's DDP, distributed optimizer and
 schedules), with checkpoints, a bit-identical resume and preemption like the other loops.
+
+Parallel layouts: the student and the teacher are sharded alike (TP, EP, PP, DP). At
+``pp > 1`` the teacher is staged like the student: its forward-only pass goes through
+megatron's schedule first (:func:`~megatron_ext.elastic.step.teacher_hidden_states`), its
+final hidden states are read on the last stage, where the KD is computed; the budget is a
+pure function of (seed, step), so every stage runs the same widths. The held-out KD
+(:func:`evaluate_kd`) goes forward only through the same schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +36,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from megatron_ext.distill import kd_loss
 from megatron_ext.distill_chunked import (
     OutputHead,
     chunked_distill_loss,
@@ -39,13 +45,15 @@ from megatron_ext.distill_chunked import (
 from megatron_ext.elastic.budget_eval import evaluate_at
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.curriculum import sample_budget
-from megatron_ext.models.builder import attention_mask, causal_mask
+from megatron_ext.elastic.step import teacher_hidden_states
+from megatron_ext.models.builder import attention_mask
 from megatron_ext.models.config import require
 from megatron_ext.quant.config import QADConfig
 from megatron_ext.runtime import is_main
 from megatron_ext.training.engine import Engine
+from megatron_ext.training.pipeline import is_last_stage, metrics_on_every_stage, pipeline_stages
 from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
-from megatron_ext.training.state import capture_rng, restore_rng
+from megatron_ext.training.state import loop_state, restore_loop_state
 
 Budgets = Mapping[str, Mapping[str, int]]
 
@@ -131,27 +139,37 @@ def evaluate_kd(
     cfg: QADConfig,
     pgs,
 ) -> dict[str, float]:
-    """Per budget, the held-out QAD objective: mean KD loss from the teacher at that budget."""
+    """Per budget, the held-out QAD objective: mean KD loss from the teacher at that budget.
+
+    Forward only through megatron's schedule (every pipeline stage runs its layers, the
+    staged teacher first); the mean over ``valid`` and over data-parallel ranks, the same on
+    every rank.
+    """
     out = {}
+    step = QADStep(teacher, cfg, pgs)
     student.eval()
     student_ctrl.set_gates(None)
+    seq = int(valid[0]["tokens"].shape[1])
     for name, widths in budgets.items():
-        losses = []
-        same = teacher_ctrl.at(dict(widths)) if teacher_ctrl is not None else nullcontext()
-        with student_ctrl.at(dict(widths)), same:
-            for batch in valid:
-                tokens, pos = batch["tokens"], batch["position_ids"]
-                mask = causal_mask(tokens.shape[1], tokens.device)
-                kd = kd_loss(
-                    student(tokens, pos, mask),
-                    teacher(tokens, pos, mask),
-                    temperature=cfg.kd_temperature,
-                    tp_group=pgs.tp,
-                    loss_mask=batch["loss_mask"],
-                )
-                losses.append(float(kd))
-        out[name] = sum(losses) / max(1, len(losses))
+        with ExitStack() as scope:
+            scope.enter_context(student_ctrl.at(dict(widths)))
+            if teacher_ctrl is not None:
+                scope.enter_context(teacher_ctrl.at(dict(widths)))
+            batches = step.with_teacher(valid, seq)
+            metrics = metrics_on_every_stage(
+                student, batches, step.forward_step, pgs, seq_length=seq
+            )
+        out[name] = _dp_mean(sum(m["kd"] for m in metrics) / max(1, len(metrics)), pgs)
     return out
+
+
+def _dp_mean(value: float, pgs) -> float:
+    group = getattr(pgs, "dp", None)
+    if group is None or not torch.distributed.is_initialized() or group.size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total, group=group)
+    return float(total.item()) / group.size()
 
 
 def qad_loss(
@@ -179,25 +197,53 @@ def qad_loss(
     return kd, {"kd": kd.detach().clone()}
 
 
+def _unused_loss(output: torch.Tensor) -> Any:
+    raise RuntimeError("the QAD loss is computed on the last pipeline stage only")
+
+
 class QADStep:
-    """:class:`~megatron_ext.training.engine.TrainStep` of QAD: teacher, then student, KD."""
+    """:class:`~megatron_ext.training.engine.TrainStep` of QAD: teacher, then student, KD.
+
+    At ``pp > 1`` the teacher's final hidden states come staged, in
+    ``batch["teacher_hidden"]`` (:meth:`with_teacher`); only the last stage has a loss.
+    """
 
     def __init__(self, teacher: nn.Module, cfg: QADConfig, pgs) -> None:
         self.teacher, self.cfg, self.pgs = teacher, cfg, pgs
+        self.pp = pipeline_stages(pgs)
+
+    def with_teacher(self, microbatches: list[dict], seq_length: int) -> list[dict]:
+        """``microbatches`` for one pass: at ``pp > 1`` copies holding the staged teacher's
+        final hidden states (a forward-only pass through the schedule), else as they are."""
+        if self.pp == 1:
+            return microbatches
+        copies = [dict(b) for b in microbatches]
+        teacher_hidden_states(self.teacher, copies, self.pgs, seq_length=seq_length)
+        return copies
 
     def forward(self, model: nn.Module, batch: dict):
         """The frozen teacher's and the student's final hidden states on ``batch``; the loss."""
         tokens, pos = batch["tokens"], batch["position_ids"]
         seq = tokens.shape[1]
-        with torch.no_grad(), hidden_states_only(self.teacher):
-            target = self.teacher(tokens, pos, attention_mask(self.teacher, seq))
+        target = batch.get("teacher_hidden")
+        if self.pp == 1:
+            with torch.no_grad(), hidden_states_only(self.teacher):
+                target = self.teacher(tokens, pos, attention_mask(self.teacher, seq))
         with hidden_states_only(model):
             hidden = model(tokens, pos, attention_mask(model, seq))
+        if not is_last_stage(self.pgs):
+            return hidden, _unused_loss
+        if target is None:
+            raise RuntimeError("pipeline stages: run QADStep.with_teacher on the batches first")
         heads = (output_head(model), output_head(self.teacher))
         loss = functools.partial(
             qad_loss, teacher_hidden=target, batch=batch, heads=heads, cfg=self.cfg
         )
         return hidden, lambda h: loss(h, pgs=self.pgs)
+
+    def forward_step(self, data_iterator, model: nn.Module):
+        """megatron's forward-step signature around :meth:`forward`."""
+        return self.forward(model, next(data_iterator))
 
 
 def train_qad(
@@ -227,17 +273,10 @@ def train_qad(
     names = list(budgets)
     probs = cfg.budget_probs or [1.0 / len(names)] * len(names)
     require(len(probs) == len(names), "qad_train.budget_probs", f"needs {len(names)} entries")
-    history = QADHistory()
-    start = 0
-    if resume_state:
-        start = int(resume_state["step"])
-        restore_rng(resume_state["rng"])
-        batches.load_state_dict(resume_state["data"])  # type: ignore[attr-defined]
-        history = resume_state["history"]
+    start, history = restore_loop_state(resume_state, batches, QADHistory())
 
     def extra(step: int) -> dict[str, Any]:
-        data = batches.state_dict()  # type: ignore[attr-defined]
-        return {"step": step, "rng": capture_rng(), "data": data, "history": history}
+        return loop_state(step, batches, history)
 
     step_fn = QADStep(teacher, cfg, pgs)
     engine.train()
@@ -256,7 +295,8 @@ def train_qad(
         if teacher_ctrl is not None:
             teacher_ctrl.set_widths(dict(budgets[name]))
         micro = [next(batches) for _ in range(engine.num_microbatches)]
-        result = engine.step(step_fn, micro, cfg.lr_at(step))
+        # at pp > 1 the staged teacher runs first, at this step's widths, on copies
+        result = engine.step(step_fn, step_fn.with_teacher(micro, cfg.seq_length), cfg.lr_at(step))
         history.seconds += time.perf_counter() - t0
         history.tokens += sum(int(b["tokens"].numel()) for b in micro) * engine.dp
         kd = result.metrics["kd"]

@@ -12,6 +12,10 @@ JSON file beside them::
 ``input_scale`` / ``weight_scale`` are the FP32 per-tensor scales (see
 :mod:`megatron_ext.quant.formats`); ``weight_scale`` ``null`` means "the weight's own
 amax". A float32 number written as a JSON float reads back as the same float32 exactly.
+
+Module names are those of the unsharded model whatever the layout of the run that wrote the
+file (:func:`megatron_ext.quant.parallel.global_names`): a sharded model's state is gathered
+from every rank, and ranks that hold the same linear must agree on its scales exactly.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.quant.config import QuantConfig
 from megatron_ext.quant.convert import QuantRecord, convert_to_quantized, quant_record
+from megatron_ext.quant.parallel import global_names
 from megatron_ext.run_format import QUANT_STATE, read_json, write_json
+from megatron_ext.runtime import is_main
 
 ModuleScales = dict[str, dict[str, Any]]
 
@@ -45,20 +52,57 @@ def module_scales(model: nn.Module) -> ModuleScales:
     return out
 
 
-def quant_state(model: nn.Module) -> dict[str, Any]:
-    """The JSON-able quantization state of a quantized ``model``."""
+def quant_state(model: nn.Module, pg_collection=None) -> dict[str, Any]:
+    """The JSON-able quantization state of a quantized ``model``.
+
+    With ``pg_collection`` on several ranks: collective, every rank's modules under their
+    unsharded names; ``RuntimeError`` names a module whose scales two ranks disagree on.
+    """
     record = quant_record(model)
+    modules, high = module_scales(model), dict(record.high_precision)
+    if pg_collection is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        names = global_names(model)
+        mine = (
+            {names[n]: v for n, v in modules.items()},
+            {names.get(n, n): why for n, why in high.items()},
+        )
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        modules, high = _merge([m for m, _ in every]), _merge([h for _, h in every])
     return {
         "format": record.config.format,
         "config": dataclasses.asdict(record.config),
-        "modules": module_scales(model),
-        "high_precision": dict(record.high_precision),
+        "modules": modules,
+        "high_precision": high,
     }
 
 
-def save_quant_state(model: nn.Module, directory: str | Path) -> Path:
-    """Write :func:`quant_state` of ``model`` to ``directory/quant_state.json``."""
-    return write_json(Path(directory) / QUANT_STATE, quant_state(model), indent=1)
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dict of every rank's ``parts``; a name that ranks map to different values raises."""
+    out: dict[str, Any] = {}
+    for rank, part in enumerate(parts):
+        for name, value in part.items():
+            if name in out and out[name] != value:
+                raise RuntimeError(
+                    f"{name}: rank {rank} holds {value}, an earlier rank {out[name]}; ranks "
+                    "holding the same linear must agree on its quantization state"
+                )
+            out[name] = value
+    return out
+
+
+def write_quant_state(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write a :func:`quant_state` to ``directory/quant_state.json`` (on rank 0 only)."""
+    path = Path(directory) / QUANT_STATE
+    if is_main():
+        write_json(path, state, indent=1)
+    return path
+
+
+def save_quant_state(model: nn.Module, directory: str | Path, pg_collection=None) -> Path:
+    """Write :func:`quant_state` of ``model`` to ``directory/quant_state.json`` (rank 0;
+    collective with ``pg_collection``, see :func:`quant_state`)."""
+    return write_quant_state(quant_state(model, pg_collection), directory)
 
 
 def read_quant_state(directory: str | Path) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.engine import Engine, LMStep, TrainStep
 from megatron_ext.training.metrics import IntervalMetrics, progress_bar
 from megatron_ext.training.optim import lr_at
-from megatron_ext.training.pipeline import lm_forward_step, run_schedule
+from megatron_ext.training.pipeline import lm_forward_step, metrics_on_every_stage
 from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
-from megatron_ext.training.state import capture_rng, restore_rng
+from megatron_ext.training.state import loop_state, restore_loop_state
 
 Batch = dict[str, torch.Tensor]
 
@@ -53,18 +53,9 @@ def _pp_group(pg_collection) -> Any:
 def _staged_losses(model: torch.nn.Module, batches: list[Batch], pg_collection) -> list[float]:
     """Per-batch losses of a pipeline stage's ``model``: forward-only through the schedule,
     broadcast from the last stage (which computes them) to every stage."""
-    group = _pp_group(pg_collection)
-    out = run_schedule(
-        model,
-        batches,
-        lm_forward_step,
-        pg_collection,
-        seq_length=int(batches[0]["tokens"].shape[1]),
-        forward_only=True,
-    )
-    box = [[float(o["loss"]) for o in out]]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, group.size() - 1), group=group)
-    return box[0]
+    seq = int(batches[0]["tokens"].shape[1])
+    out = metrics_on_every_stage(model, batches, lm_forward_step, pg_collection, seq_length=seq)
+    return [o["loss"] for o in out]
 
 
 @torch.no_grad()
@@ -130,25 +121,14 @@ def train(
     With ``preemption``, a signal on any rank (agreed after every step) saves a checkpoint
     and raises :class:`Preempted` with the step count reached (unless that is the last step).
     """
-    history = History()
-    start = 0
-    if resume_state:
-        start = int(resume_state["step"])
-        restore_rng(resume_state["rng"])
-        batches.load_state_dict(resume_state["data"])  # type: ignore[attr-defined]
-        history = resume_state["history"]
+    start, history = restore_loop_state(resume_state, batches, History())
     end = cfg.stop_at or cfg.steps
     is_main = dist.get_rank() == 0 if dist.is_initialized() else True
     bar = progress_bar(total=end, initial=start, desc="train", disable=not (progress and is_main))
     interval = IntervalMetrics()
 
     def extra(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "rng": capture_rng(),
-            "data": batches.state_dict(),  # type: ignore[attr-defined]
-            "history": history,
-        }
+        return loop_state(step, batches, history)
 
     step_fn = step_fn or LMStep()
     engine.train()

@@ -28,7 +28,8 @@ Batch = dict[str, torch.Tensor]
 ForwardStep = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
 
 
-def _pp_size(pg_collection) -> int:
+def pipeline_stages(pg_collection) -> int:
+    """How many pipeline stages ``pg_collection`` splits the model into (1 for ``None``)."""
     group = getattr(pg_collection, "pp", None)
     return 1 if group is None else group.size()
 
@@ -50,7 +51,7 @@ def schedule_groups(pg_collection):
 
     if all(hasattr(pg_collection, name) for name in ("embd", "pos_embd", "dp_cp")):
         return pg_collection
-    if _pp_size(pg_collection) > 1:
+    if pipeline_stages(pg_collection) > 1:
         raise ValueError("pipeline stages need pg_collection.embd (the first and last stage)")
     out = ProcessGroupCollection()
     for name in ("tp", "pp", "cp", "dp", "dp_cp", "ep", "expt_dp", "tp_ep", "expt_tp"):
@@ -85,7 +86,7 @@ def run_schedule(
 
     pgs = schedule_groups(pg_collection)
     config = get_model_config(model)
-    schedule = get_forward_backward_func(pp_size=_pp_size(pgs))
+    schedule = get_forward_backward_func(pp_size=pipeline_stages(pgs))
     micro = int(microbatches[0]["tokens"].shape[0])
     return schedule(
         forward_step_func=forward_step,
@@ -99,6 +100,29 @@ def run_schedule(
         p2p_communicator=P2PCommunicator(pp_group=pgs.pp, config=config),
         pg_collection=pgs,
     )
+
+
+def metrics_on_every_stage(
+    model: torch.nn.Module,
+    microbatches: Sequence[Batch],
+    forward_step: ForwardStep,
+    pg_collection,
+    *,
+    seq_length: int,
+) -> list[dict[str, float]]:
+    """Forward only through the schedule; each micro-batch's loss-function metrics (floats),
+    computed on the last stage and broadcast over the pipeline group to every stage."""
+    import torch.distributed as dist
+
+    out = run_schedule(
+        model, microbatches, forward_step, pg_collection, seq_length=seq_length, forward_only=True
+    )
+    box = [[{name: float(value) for name, value in o.items()} for o in out]]
+    group: Any = getattr(pg_collection, "pp", None)
+    if pipeline_stages(pg_collection) > 1:
+        last = dist.get_global_rank(group, group.size() - 1)
+        dist.broadcast_object_list(box, src=last, group=group)
+    return box[0]
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,3 +25,21 @@ def restore_rng(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "device" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["device"])
+
+
+def loop_state(step: int, batches: Any, history: Any) -> dict[str, Any]:
+    """What a bit-identical resume of a training loop needs at ``step``: the step, the RNG,
+    the position of ``batches`` (a resumable iterator) and the ``history`` so far."""
+    return {"step": step, "rng": capture_rng(), "data": batches.state_dict(), "history": history}
+
+
+def restore_loop_state(state: dict[str, Any] | None, batches: Any, history: Any) -> tuple[int, Any]:
+    """Undo :func:`loop_state`: RNG and data position restored; returns (step, history).
+
+    With no ``state`` (a fresh run): ``(0, history)``, nothing touched.
+    """
+    if not state:
+        return 0, history
+    restore_rng(state["rng"])
+    batches.load_state_dict(state["data"])
+    return int(state["step"]), state["history"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,31 @@ import torch
 from megatron_ext.checkpoint import CheckpointManager
 
 REPO = Path(__file__).parents[2]
+
+ELASTIC = [
+    "curriculum=smoke",
+    "elastic_train.save_interval=1",
+    "elastic_train.micro_batch_size=2",
+    "elastic_train.eval_batches=1",
+    "elastic_train.eval_seq_length=32",
+    "elastic_train.eval_interval=4",
+    "elastic_train.warmup_steps=2",
+    "logger=none",
+]
+"""train-elastic for the suite: the smoke curriculum, 8 steps, a checkpoint at every step."""
+
+QAD = [
+    "quant=nvfp4",
+    "qad_train.steps=8",
+    "qad_train.save_interval=1",
+    "qad_train.warmup_steps=2",
+    "qad_train.micro_batch_size=2",
+    "qad_train.seq_length=32",
+    "qad_train.eval_batches=1",
+    "qad_train.eval_seq_length=32",
+    "quant.calib_batches=1",
+]
+"""qad for the suite: NVFP4, 8 QAD steps, a checkpoint at every step."""
 
 
 def command(recipe: str, run_dir: Path, overrides: list[str]) -> list[str]:
@@ -159,3 +186,64 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert_identical(vars(a), vars(b), where)
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+SUMMARY_KEYS = ("final_train_loss", "val_loss", "val_curve", "budgets", "tokens", "qad_curve")
+"""What a resumed run's ``summary.json`` must repeat exactly (those a recipe writes)."""
+
+
+def assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
+    """The run in ``resumed`` ended bit-identical to the uninterrupted one in ``whole``: the
+    losses and figures of ``summary.json`` and the final checkpoint of step ``steps``."""
+    # losses (and every metric) of the resumed run equal the uninterrupted run's, bit for bit
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, resumed))
+    for key in SUMMARY_KEYS:
+        assert a.get(key) == b.get(key), key
+    # the final checkpoint: weight files, optimizer, RNG, data position and loss history
+    final_a, final_b = final_state(whole), final_state(resumed)
+    assert final_a["checkpoint"] == final_b["checkpoint"] == f"iter_{steps:07d}"
+    assert_identical(final_a["distcp"], final_b["distcp"], "distcp")
+    assert_identical(final_a["ranks"], final_b["ranks"], "rank_state")
+
+
+def kill_step(recipe: str, layout: str, steps: int) -> int:
+    """The seeded step of a case to kill at: never the last (a finished run has nothing to
+    resume)."""
+    return random.Random(f"{recipe}/{layout}").randint(1, steps - 2)
+
+
+def kill_and_resume(
+    tmp_path: Path,
+    recipe: str,
+    layout: str,
+    overrides: list[str],
+    steps: int,
+    *,
+    sig: int = signal.SIGKILL,
+    whole: Path | None = None,
+) -> dict[str, Any]:
+    """Run ``recipe`` at ``parallel=<layout>`` whole (or take the finished run ``whole``),
+    again killed by ``sig`` at a seeded step and resumed; assert both end bit-identical,
+    nothing outlived the launcher and nothing unfinished or corrupt was deleted. Returns
+    :func:`interrupt_at_step`'s report plus the step."""
+    overrides = [f"parallel={layout}", *overrides]
+    split = tmp_path / "split"
+    if whole is None:
+        whole = tmp_path / "whole"
+        run_to_end(recipe, whole, overrides)
+    step = kill_step(recipe, layout, steps)
+    hit = interrupt_at_step(recipe, split, overrides, step, sig)
+    assert hit["code"] != 0
+    assert not survivors(split), "processes outlived the launcher"
+    run_to_end(recipe, split, overrides)
+    assert_same_run(whole, split, steps)
+    # nothing unfinished or corrupt at the kill was deleted: each is kept aside
+    names = [p.name for p in (split / "checkpoints").iterdir()]
+    for bad in hit["bad"]:
+        stem = bad.removeprefix(".tmp_")
+        assert any(re.fullmatch(rf"{stem}\.(partial|corrupt)-.*", n) for n in names), bad
+    print(
+        f"{recipe} {layout} {signal.Signals(sig).name} at step {step} ({hit['where']}): "
+        f"exit {hit['code']}, kept aside {hit['bad']}, bit-identical"
+    )
+    return {**hit, "step": step, "split": split}
