@@ -51,6 +51,44 @@ def scale_gaps(model: torch.nn.Module, pgs) -> dict[str, float]:
     return gaps
 
 
+def reductions(model: torch.nn.Module, pgs) -> dict[str, Any]:
+    """The scale reductions on disagreeing ranks: (a) one DP replica's input scale of a dense
+    linear doubled, then :func:`agree_over_replicas`: every replica holds the larger; (b) on
+    EP rank 0 every expert of one linear unseen (NaN), then :func:`fill_unseen_experts`: they
+    take the largest scale of that linear's experts on the other EP rank. Restored after."""
+    from megatron_ext.quant.parallel import agree_over_replicas
+    from megatron_ext.quant.ptq import fill_unseen_experts
+
+    modules = quant_record(model).modules
+    saved = {n: m.quant_input_scale.clone() for n, m in modules.items()}
+    out: dict[str, Any] = {}
+    dense = next(n for n in sorted(modules) if not is_routed_expert(n))
+    if dist.get_world_size(pgs.dp) > 1:
+        if pgs.dp.rank() == 1:
+            modules[dense].quant_input_scale.mul_(2.0)
+        agree_over_replicas(modules, pgs)
+        out["dp_max"] = [float(modules[dense].quant_input_scale), 2.0 * float(saved[dense])]
+    experts = sorted(n for n in modules if is_routed_expert(n) and n.endswith("linear_fc1"))
+    if experts and dist.get_world_size(pgs.ep) > 1:
+        layer = experts[0].split(".local_experts.")[0]
+        siblings = [n for n in experts if n.startswith(layer + ".")]
+        local_max = max(float(saved[n]) for n in siblings)
+        others: list = [None] * dist.get_world_size(pgs.ep)
+        dist.all_gather_object(others, local_max, group=pgs.ep)
+        if pgs.ep.rank() == 0:
+            for n in siblings:
+                modules[n].quant_input_scale.fill_(float("nan"))
+        filled = fill_unseen_experts(model, pgs)
+        out["ep_fill"] = {
+            "filled": len(filled),
+            "got": [float(modules[n].quant_input_scale) for n in siblings],
+            "other_ranks_max": max(others[1:]) if pgs.ep.rank() == 0 else None,
+        }
+    for n, m in modules.items():
+        m.quant_input_scale.copy_(saved[n])
+    return out
+
+
 def run_layout(layout: str, out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     """``recipes.qad.run`` at ``parallel=<layout>`` into ``<layout>``, every checkpoint kept;
     the cross-rank comparisons; then the same run resumed from a copy of its checkpoint of
@@ -79,6 +117,7 @@ def run_layout(layout: str, out_dir: Path, inputs: dict[str, Any]) -> dict[str, 
         "steps": summary["qad"]["steps"],
         "replica_gaps": replica_gaps(engine.model, engine.pgs),
         "scale_gaps": scale_gaps(student, engine.pgs),
+        "reductions": reductions(student, engine.pgs),
     }
     name = f"iter_{inputs['resume_at']:07d}"
     if dist.get_rank() == 0:

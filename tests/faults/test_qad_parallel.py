@@ -18,8 +18,8 @@ Tolerances (one process vs two ranks):
 * TP=2 and EP=2: rounding. TP splits the row-parallel GEMMs' and the vocab-parallel KL's
   sums into two partial sums added by an all-reduce; EP sums the routed experts' outputs
   in another order. Each is ~1e-7 relative; the KD loss (~1e-3) is a small difference of
-  log-probabilities, so its relative rounding is larger (measured: KD per step <= 2.1e-6,
-  held-out KD <= 3.3e-6, held-out losses <= 1.6e-7, input scales <= 4.1e-7). Bound: 1e-4
+  log-probabilities, so its relative rounding is larger (measured: KD per step <= 7.7e-7,
+  held-out KD <= 3.4e-6, held-out losses <= 9.1e-8, input scales <= 4.9e-7). Bound: 1e-4
   relative. A scale that ranks disagree on, a missing reduction or a stage at another budget
   moves them by 1e-2 or more.
 """
@@ -139,6 +139,20 @@ def test_what_ranks_hold_alike_is_bitwise_identical_after_qad(layouts, layout):
     assert not drifted, drifted
     scales = {n: g for n, g in result["scale_gaps"].items() if g != 0.0}
     assert not scales, scales
+
+
+@pytest.mark.parametrize("layout", ["ep2", "dp2"])
+def test_ranks_that_disagree_on_a_scale_end_with_the_largest(layouts, layout):
+    """On the layout's trained model: a dense input scale doubled on one DP replica is the
+    doubled one on every replica after the agreement; experts that saw nothing on EP rank 0
+    take the largest scale of their siblings on the other EP rank (rank 0 reports)."""
+    red = case(layouts, layout)["reductions"]
+    got, expected = red["dp_max"]
+    assert got == expected > 0
+    if layout == "ep2":
+        fill = red["ep_fill"]
+        assert fill["filled"] == len(fill["got"]) > 0
+        assert all(g == fill["other_ranks_max"] for g in fill["got"])
 
 
 @pytest.mark.parametrize("layout", ["pp2", "dp2"])
