@@ -12,6 +12,10 @@ with the uninterrupted run.
 
 from __future__ import annotations
 
+from megatron_ext.compat import ensure_compat
+
+ensure_compat()  # the entry point's shims, before megatron-core's model modules are imported
+
 import json
 import shutil
 import sys

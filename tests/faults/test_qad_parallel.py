@@ -27,6 +27,7 @@ Tolerances (one process vs two ranks):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,11 +68,17 @@ def overrides(elastic_source, data_overrides) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, overrides) -> Path:
-    """The reference: the recipe on one process."""
+    """The reference: the recipe on one process, with as many threads as each rank has (the
+    exact comparisons must not depend on how a GEMM splits its sums over threads)."""
     from recipes import qad
 
     run_dir = tmp_path_factory.mktemp("qad_single")
-    qad.run(compose_recipe("qad", [f"run.dir={run_dir}", *overrides]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))  # torchrun's ranks'
+    try:
+        qad.run(compose_recipe("qad", [f"run.dir={run_dir}", *overrides]))
+    finally:
+        torch.set_num_threads(threads)
     return run_dir
 
 
