@@ -13,8 +13,9 @@ from megatron_ext.data.prepare import check_split_lengths
 from megatron_ext.training.config import TrainConfig
 
 
-def _dp(pg_collection, split_over_dp: bool = True) -> tuple[int, int]:
-    if not (split_over_dp and dist.is_initialized()):
+def _dp(pg_collection) -> tuple[int, int]:
+    """(DP rank, DP size); ``pg_collection=None``: the batches of one process, (0, 1)."""
+    if pg_collection is None or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(pg_collection.dp), dist.get_world_size(pg_collection.dp)
 
@@ -28,15 +29,13 @@ def train_batches(
     steps: int,
     global_batch_size: int = 0,
     seed: int,
-    split_over_dp: bool = True,
 ) -> tuple[BatchIterator, dict]:
     """The resumable training iterator (this DP rank's micro-batches, one per ``next``) over
     ``steps`` global batches of ``global_batch_size`` sequences (0: one micro-batch per DP
-    rank), and the dataset metadata. With ``split_over_dp=False`` every rank reads the
-    batches one process would (the same on all)."""
+    rank), and the dataset metadata. ``pg_collection=None``: the batches of one process."""
     meta = ensure_prepared(data, seed=seed)
     check_split_lengths(meta, seq_length, "seq_length")
-    dp_rank, dp_size = _dp(pg_collection, split_over_dp)
+    dp_rank, dp_size = _dp(pg_collection)
     global_batch = global_batch_size or micro_batch_size * dp_size
     dataset = build_gpt_dataset(
         meta["train_prefix"],
@@ -59,13 +58,12 @@ def held_out_batches(
     micro_batch_size: int,
     count: int,
     seed: int,
-    split_over_dp: bool = True,
 ) -> list[dict]:
-    """``count`` fixed held-out micro-batches of this DP rank (the ``valid`` split); with
-    ``split_over_dp=False`` those of one process, the same on every rank."""
+    """``count`` fixed held-out micro-batches of this DP rank (the ``valid`` split);
+    ``pg_collection=None``: those of one process."""
     meta = ensure_prepared(data, seed=seed)
     check_split_lengths(meta, seq_length, "seq_length")
-    dp_rank, dp_size = _dp(pg_collection, split_over_dp)
+    dp_rank, dp_size = _dp(pg_collection)
     dataset = build_gpt_dataset(
         meta["valid_prefix"],
         seq_length,
@@ -88,23 +86,22 @@ def build_batches(
     per ``next``); TP/EP ranks of one DP replica read the same samples. With
     ``split_over_dp=False`` every rank reads the batches one process would (the same on all).
     """
+    groups = pg_collection if split_over_dp else None
     batches, meta = train_batches(
         data,
-        pg_collection,
+        groups,
         seq_length=train.seq_length,
         micro_batch_size=train.micro_batch_size,
         steps=train.steps,
         global_batch_size=train.global_batch_size,
         seed=seed,
-        split_over_dp=split_over_dp,
     )
     valid = held_out_batches(
         data,
-        pg_collection,
+        groups,
         seq_length=train.seq_length,
         micro_batch_size=train.micro_batch_size,
         count=train.eval_batches,
         seed=seed,
-        split_over_dp=split_over_dp,
     )
     return batches, valid, meta
