@@ -15,6 +15,9 @@ Tolerances (one process vs two ranks):
   with the other's as the two are accumulated on one rank (a + b either way) and Adam is
   elementwise on the shards. The calibration and held-out batches are the same on every
   rank, so the scales and the figures are those of one process (measured: 0.0 everywhere).
+  The grad norm (not compared) is summed over the optimizer's shards in another order
+  (~1e-7 relative at DP=2); it stays below ``qad_train.grad_clip`` here, so it never
+  scales an update.
 * TP=2 and EP=2: rounding. TP splits the row-parallel GEMMs' and the vocab-parallel KL's
   sums into two partial sums added by an all-reduce; EP sums the routed experts' outputs
   in another order. Each is ~1e-7 relative; the KD loss (~1e-3) is a small difference of
