@@ -16,17 +16,23 @@ each submitit task becomes one rank; locally, ``parallel.nproc > 1`` starts torc
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from typing import Any
+from megatron_ext.compat import ensure_compat
 
-import hydra
-from omegaconf import DictConfig
+# this module is an entry point (star-elastic-sweep) and composes configs at import time: the
+# shims go in before megatron-core's model modules are imported
+ensure_compat()
 
-from megatron_ext.config.compose import conf_dir
-from megatron_ext.config.registry import register_schemas
-from recipes.cli import RECIPES, usage
+import importlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from megatron_ext.config.compose import conf_dir  # noqa: E402
+from megatron_ext.config.registry import register_schemas  # noqa: E402
+from recipes.cli import RECIPES, usage  # noqa: E402
 
 
 def _recipe_of(config_name: str | None) -> str:
@@ -71,7 +77,7 @@ def sweep_job(cfg: DictConfig) -> Any:
         return None
     from megatron_ext.compat.engine import apply_engine_shims
 
-    apply_engine_shims()  # this job is the entry point: the shims, once, before the recipe
+    apply_engine_shims()  # the engine's shims too, before the recipe runs
     return importlib.import_module(RECIPES[recipe][1]).run(cfg)
 
 
