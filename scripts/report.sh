@@ -11,9 +11,9 @@
 #     recipe is installed) -> REPORT.md
 #
 # Every stage writes under $ROOT (default runs/report) and resumes from its own checkpoints
-# when run again; the report is $ROOT/REPORT.md with its PNGs beside it. About 18 minutes on
-# 2 shared CPU cores with OMP_NUM_THREADS=1 and the defaults below, plus about 3 minutes when
-# the stdlib parent must be trained first (SIZE=smoke: about 2 minutes, to check the wiring).
+# when run again; the report is $ROOT/REPORT.md with its PNGs beside it. On 2 CPU cores shared
+# with other jobs (load 6 to 50) the full size took about 45 minutes with the stdlib parent
+# (docs/report/REPORT.md's run section); SIZE=smoke checks the wiring in about 10 minutes.
 # One intra-op thread per process is the safer setting when other jobs share the cores: a
 # second thread then mostly waits for the first.
 #

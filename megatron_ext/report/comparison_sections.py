@@ -249,16 +249,20 @@ def stage2_section(cfg: ReportConfig, out_dir: Path) -> Section:
     ranked = sorted(gains, key=gains.__getitem__, reverse=True)
     sizes = {n: (two.get("budgets") or {})[n].get("active_params", 0) for n in gains}  # type: ignore[union-attr]
     smallest = min(sizes, key=sizes.__getitem__) if sizes else None
-    verdict = (
-        f"stage 2 lowers held-out loss most at {ranked[0]} ({gains[ranked[0]]:+.4f})"
-        + (
+    if not ranked:
+        verdict = "no budgets"
+    elif gains[ranked[0]] <= 0:
+        verdict = (
+            "stage 2 lowers no budget's held-out loss at equal tokens (gains "
+            + ", ".join(f"{n} {gains[n]:+.4f}" for n in gains)
+            + ")"
+        )
+    else:
+        verdict = f"stage 2 lowers held-out loss most at {ranked[0]} ({gains[ranked[0]]:+.4f})" + (
             ": it helps the smallest budget most"
-            if ranked and ranked[0] == smallest
+            if ranked[0] == smallest
             else f", not at the smallest budget {smallest}"
         )
-        if ranked
-        else "no budgets"
-    )
     body = [
         f"`{cfg.elastic}` (two stages) against `{cfg.elastic_stage1_only}`, the same run with "
         "stage 2 replaced by more of stage 1 (its sequence length and uniform budget draws) "

@@ -291,3 +291,12 @@ def test_run_section_gives_each_stage_its_wall_time_and_load(cfg, tmp_path):
     assert section.figures == {"total_s": 300.0, "load_min": 1.5, "load_max": 3.0}
     missing = run_section(ReportConfig(stage_times=str(tmp_path / "none.tsv")), tmp_path)
     assert not missing.ran
+
+
+def test_stage2_section_says_so_when_stage_2_helps_no_budget(cfg, tmp_path):
+    better = {n: {"val_loss": 0.5, "active_params": 1} for n in "LMS"}  # below every two-stage loss
+    _write(tmp_path / "elastic_stage1_only", {"budgets": better})
+    section = stage2_section(cfg, tmp_path)
+    assert "stage 2 lowers no budget's held-out loss at equal tokens (gains L -0.5000" in (
+        section.body
+    )
