@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.checkpoint import CheckpointError, CheckpointManager
 from megatron_ext.config.compose import compose_recipe, section, to_plain
+from megatron_ext.config.parent_run import parent_model
 from megatron_ext.config.schema import DataConfig, LoggerConfig, RunConfig
 from megatron_ext.elastic.budget_eval import (
     budget_figures,
@@ -22,6 +23,8 @@ from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.cost import CostModel, CostSpec
 from megatron_ext.elastic.curriculum import CurriculumConfig
 from megatron_ext.elastic.feasible import budget_feasible_sets
+from megatron_ext.elastic.importance import ImportanceConfig
+from megatron_ext.elastic.importance_run import rank_parent
 from megatron_ext.elastic.router import ElasticRouter, RouterConfig, layer_counts
 from megatron_ext.elastic.train_config import ElasticTrainConfig
 from megatron_ext.elastic.trainer import ElasticTrainer, StagePlan
@@ -40,15 +43,28 @@ from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, Preempted, Preem
 
 
 def _ensure_importance(cfg: DictConfig, source: Path) -> None:
-    """Run the importance recipe on ``parent.dir`` when ``source.dir`` has no checkpoint yet."""
+    """Rank ``parent.dir`` into ``source.dir`` when that holds no importance run yet.
+
+    The ranking takes the importance recipe's defaults with this run's data, layout and seed.
+    """
     if (source / MODEL_CONFIG).exists() or not cfg.parent.dir:
         return
-    from recipes import importance
-
     icfg = compose_recipe("importance", [f"parent.dir={cfg.parent.dir}", f"run.dir={source}"])
     icfg.data, icfg.parallel, icfg.run.seed = cfg.data, cfg.parallel, cfg.run.seed
-    main_print(f"no importance-ordered checkpoint in {source}: ranking {cfg.parent.dir} first")
-    importance.run(icfg)
+    parent_dir = Path(str(cfg.parent.dir))
+    main_print(f"no importance-ordered checkpoint in {source}: ranking {parent_dir} first")
+    rank_parent(
+        icfg,
+        parent_dir,
+        parent_model(icfg, parent_dir),
+        section(icfg, "importance", ImportanceConfig),
+        section(icfg, "parallel", ParallelConfig),
+        section(icfg, "data", DataConfig),
+        run_dir=str(source),
+        seed=int(cfg.run.seed),
+        backend=cfg.model_backend,
+    )
+    destroy_distributed()
 
 
 def _load(model_cfg, parallel, pgs, source: Path, backend: str) -> torch.nn.Module:

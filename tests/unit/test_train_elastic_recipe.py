@@ -109,3 +109,25 @@ def test_depth_axis_run_in_narrow_compute_gives_the_small_budget_fewer_layers(
     for name, figures in summary["budgets"].items():
         assert figures["cost_error"] <= 0.015, name
         assert 0 < figures["val_loss"] < 10, name
+
+
+def test_parent_dir_alone_is_ranked_first_and_only_once(tmp_path, trained_parent, data_overrides):
+    """``source.dir`` that does not exist yet + ``parent.dir``: train-elastic ranks and reorders
+    the parent into ``source.dir`` (the importance run's files, an exact reorder), trains from
+    it, and a second start finds that ranking and does not redo it."""
+    parent_dir, _ = trained_parent
+    source = tmp_path / "ranked"
+    summary = _run(tmp_path / "elastic", source, data_overrides, f"parent.dir={parent_dir}")
+    assert set(summary["budgets"]) == {"L", "M", "S"}
+    ranked = json.loads((source / "summary.json").read_text())
+    assert ranked["parent"] == str(parent_dir)
+    # a permutation of channels, heads and experts changes no logit: fp32 sums reordered only
+    assert ranked["reorder_logits_max_abs_diff"] < 1e-4
+    layout = source / "checkpoints" / "elastic_layout.json"
+    assert json.loads(layout.read_text())["checkpoint"] == ranked["checkpoint"]
+    before = layout.stat().st_mtime_ns
+    cfg = compose_recipe(
+        "train_elastic", [f"source.dir={source}", f"parent.dir={parent_dir}", *data_overrides]
+    )
+    train_elastic._ensure_importance(cfg, source)
+    assert layout.stat().st_mtime_ns == before
