@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -37,6 +36,7 @@ from megatron_ext.quant.qad import (
 from megatron_ext.quant.report import HEADERS, budget_rows, plot_quant_budgets
 from megatron_ext.quant.state import quant_state, write_quant_state
 from megatron_ext.report import format_table, write_summary
+from megatron_ext.run_format import checkpoints_dir, read_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
 from megatron_ext.training.data import build_batches
 from megatron_ext.training.engine import Engine
@@ -72,7 +72,7 @@ def _teacher(cfg: DictConfig, qad: QADConfig, source: Path, pgs, backend: str, m
     sharded like the student."""
     parallel = section(cfg, "parallel", ParallelConfig)
     if qad.teacher == "parent":
-        parent = str(cfg.parent.dir) or json.loads((source / "summary.json").read_text())["source"]
+        parent = str(cfg.parent.dir) or read_summary(source)["source"]
         teacher = load_source(Path(parent), pgs, backend, parallel)[0]
         ctrl = None
     else:
@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
         kd = {"ptq": evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)}
         ptq = evaluate_budgets(student, ctrl, budgets, valid, pgs)
         history, final = None, {}
-        ckpts = CheckpointManager(run_dir / "checkpoints", pgs, keep=1)
+        ckpts = CheckpointManager(checkpoints_dir(run_dir), pgs, keep=1)
         tags = {"kind": "qad", "format": quant.format}
         if qad.steps:
             engine = Engine([student], engine_cfg, pgs, seq_length=qad.seq_length)
@@ -180,7 +180,7 @@ def run(cfg: DictConfig) -> dict:
     if qstate is not None:
         write_quant_state(qstate, run_dir)
     if is_main():
-        stripes.save(run_dir / "checkpoints")
+        stripes.save(checkpoints_dir(run_dir))
         save_model_config(model_cfg, run_dir)
         save_choices(run_dir, budgets)
     exports = {}
