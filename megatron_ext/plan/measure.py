@@ -36,6 +36,23 @@ from megatron_ext.plan.meter import LiveTensorMeter
 from megatron_ext.training.pipeline import is_last_stage, run_schedule
 
 
+def _student_teacher(
+    cfg: HybridModelConfig,
+    parallel: ParallelConfig,
+    pgs,
+    recompute: Callable[[torch.nn.Module], None] | None,
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """A student (recomputed when asked), a frozen teacher of its shape, and the student's Adam."""
+    set_seed(0)
+    student = build_model(cfg, parallel, pgs)
+    teacher = build_model(cfg, parallel, pgs).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if recompute is not None:
+        recompute(student)
+    return student, teacher, torch.optim.Adam(student.parameters(), lr=1e-4, foreach=False)
+
+
 def measure_elastic_step(
     cfg: HybridModelConfig,
     seq: int,
@@ -45,15 +62,7 @@ def measure_elastic_step(
     recompute: Callable[[torch.nn.Module], None] | None = None,
 ) -> int:
     """Peak live tensor bytes of one measured step at TP=PP=1 (module docstring)."""
-    parallel = ParallelConfig()
-    set_seed(0)
-    student = build_model(cfg, parallel, pgs)
-    teacher = build_model(cfg, parallel, pgs).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if recompute is not None:
-        recompute(student)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-4, foreach=False)
+    student, teacher, opt = _student_teacher(cfg, ParallelConfig(), pgs, recompute)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq), generator=gen)
     pos = torch.arange(seq)[None].expand(micro_batch, seq)
@@ -105,14 +114,7 @@ def measure_pipeline_step(
     recompute: Callable[[torch.nn.Module], None] | None = None,
 ) -> int:
     """Peak live tensor bytes of one train-elastic step on this rank's stage (docstring)."""
-    set_seed(0)
-    student = build_model(cfg, parallel, pgs)
-    teacher = build_model(cfg, parallel, pgs).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if recompute is not None:
-        recompute(student)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-4, foreach=False)
+    student, teacher, opt = _student_teacher(cfg, parallel, pgs, recompute)
     gen = torch.Generator().manual_seed(0)
     pos = torch.arange(seq)[None].expand(micro_batch, seq)
     batches = [
