@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import Attention
 from torch import Tensor, nn
@@ -73,6 +72,10 @@ def _attention_layers(model: nn.Module) -> set[str]:
     if isinstance(pattern, str) and pattern:
         kinds = list(pattern)
     else:
+        # imported here: ssm/mamba_mixer.py needs compat.ensure_compat where triton is absent,
+        # and this package is reached from the config dataclasses, which load without shims
+        from megatron.core.ssm.mamba_mixer import MambaMixer
+
         kinds = []
         for layer in list(getattr(getattr(model, "decoder", None), "layers", [])):
             attn = isinstance(getattr(layer, "self_attention", None), Attention)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -54,3 +56,41 @@ def test_importing_library_modules_applies_no_shim():
     )
     assert len(out["imported"]) > 50  # the walk reached the library
     assert set(out["failed"].values()) <= {"triton"}, out["failed"]
+
+
+LOAD_PICKLE = """
+import json, pickle, sys
+with open(sys.argv[1], "rb") as f:
+    state, cfg = pickle.load(f)
+from megatron_ext import compat
+print(json.dumps({"applied": compat._APPLIED, "keys": sorted(cfg)}))
+"""
+
+
+def test_a_pickled_hydra_state_and_config_load_before_any_shim(tmp_path):
+    """A submitit job unpickles Hydra's state (our structured configs inside) before any entry
+    point of ours runs: that load must not reach megatron's Mamba modules, which import triton
+    (a job of the Slurm sweep failed so)."""
+    cloudpickle = pytest.importorskip("cloudpickle", reason="the slurm extra (submitit's)")
+    from hydra.core.singleton import Singleton
+
+    from megatron_ext.config.compose import compose_recipe
+    from megatron_ext.config.registry import register_schemas
+
+    register_schemas()
+    cfg = compose_recipe("train_elastic", [])
+    blob = tmp_path / "job.pkl"
+    blob.write_bytes(cloudpickle.dumps((Singleton.get_state(), cfg)))
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_PICKLE, str(blob)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["applied"] == []
+    assert {"model", "elastic", "elastic_train"} <= set(out["keys"])

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from megatron.core.ssm.mamba_mixer import MambaMixer
 from torch import Tensor, nn
 
 from megatron_ext.elastic.layers_mamba import ElasticGatedNormMixin, ElasticMambaMixerMixin
@@ -42,11 +41,23 @@ class MambaSite(Site):
 
     name = "mamba"
     axes = (HEADS, HEAD_DIM)
-    upstream = (MambaMixer,)
     hf_names = {
         "nemotron_h": {"mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
     }
     nemo_names = {"mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
+
+    @property
+    def upstream(self) -> tuple[type, ...]:  # type: ignore[override]
+        """megatron's ``MambaMixer``, imported on first use.
+
+        ``ssm/mamba_mixer.py`` imports triton, so on a machine without it the module loads only
+        after :func:`megatron_ext.compat.ensure_compat`. This site is reached from the config
+        dataclasses, and those must load without any shim: a pickled config (a submitit job's)
+        is loaded before any entry point of ours has run.
+        """
+        from megatron.core.ssm.mamba_mixer import MambaMixer
+
+        return (MambaMixer,)
 
     def convert(self, module: nn.Module, ctrl: ElasticController, where: str) -> Iterator[Step]:
         """The mixer, its gated norm, and its in / out projections."""
