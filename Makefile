@@ -74,7 +74,7 @@ slurm-deps:
 	@command -v slurmctld >/dev/null || (command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) || true
 
 test: $(STAMP) slurm-deps
-	$(PY) -m pytest -q -p no:cacheprovider -rs -m 'not nemo and not gpu' tests
+	$(PY) -m pytest -q -p no:cacheprovider -rs --durations=30 -m 'not nemo and not gpu' tests
 
 # the GPU tier (tests/gpu, marker gpu): FP8 GEMMs through torch._scaled_mm; needs CUDA
 test-gpu: $(STAMP)
