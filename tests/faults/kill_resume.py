@@ -206,6 +206,43 @@ def assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
     assert_identical(final_a["ranks"], final_b["ranks"], "rank_state")
 
 
+def whole_runs(out_dir: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
+    """The uninterrupted runs ``name -> (recipe, overrides)``, each into ``out_dir/<name>``:
+    the 2-rank ones (``parallel=`` other than ``single``) in one torchrun launch
+    (``cases_whole_runs.py``), the single-process ones here, in this process, with as many
+    threads as a command-line run of the suite has."""
+    from tests.distributed.launch import case, run_cases
+
+    two_rank = {n: r for n, r in runs.items() if "parallel=single" not in r[1]}
+    inputs = {n: {"recipe": r, "overrides": o} for n, (r, o) in two_rank.items()}
+    (out_dir / "inputs.json").write_text(json.dumps({"runs": inputs}))
+    results = run_cases(Path(__file__).with_name("cases_whole_runs.py"), out_dir)
+    for name in two_rank:
+        print(f"whole run {name}: {case(results, name)['seconds']} s in the launch")
+    for name, (recipe, overrides) in runs.items():
+        if name not in two_rank:
+            run_in_process(recipe, out_dir / name, overrides)
+    return {name: out_dir / name for name in runs}
+
+
+def run_in_process(recipe: str, run_dir: Path, overrides: list[str]) -> None:
+    """``recipe`` on one process, here, into ``run_dir`` (``OMP_NUM_THREADS`` threads: the
+    bit-identical comparisons must not depend on how a GEMM splits its sums over threads)."""
+    import importlib
+
+    from megatron_ext.config.compose import compose_recipe
+    from recipes.cli import RECIPES
+
+    config_name, module_name, _ = RECIPES[recipe]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))
+    try:
+        cfg = compose_recipe(config_name, [f"run.dir={run_dir}", *overrides])
+        importlib.import_module(module_name).run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kill_step(recipe: str, layout: str, steps: int) -> int:
     """The seeded step of a case to kill at: never the last (a finished run has nothing to
     resume)."""
@@ -222,7 +259,8 @@ def kill_and_resume(
     sig: int = signal.SIGKILL,
     whole: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``recipe`` at ``parallel=<layout>`` whole (or take the finished run ``whole``),
+    """Run ``recipe`` at ``parallel=<layout>`` whole (or take the finished run ``whole``:
+    :func:`whole_runs`),
     again killed by ``sig`` at a seeded step and resumed; assert both end bit-identical,
     nothing outlived the launcher and nothing unfinished or corrupt was deleted. Returns
     :func:`interrupt_at_step`'s report plus the step."""

@@ -22,9 +22,14 @@ Tolerances (one process vs two ranks):
   sums into two partial sums added by an all-reduce; EP sums the routed experts' outputs
   in another order. Each is ~1e-7 relative; the KD loss (~1e-3) is a small difference of
   log-probabilities, so its relative rounding is larger (measured: KD per step <= 7.7e-7,
-  held-out KD <= 3.4e-6, held-out losses <= 9.1e-8, input scales <= 4.9e-7). Bound: 1e-4
-  relative. A scale that ranks disagree on, a missing reduction or a stage at another budget
-  moves them by 1e-2 or more.
+  held-out KD <= 3.4e-6, held-out losses <= 9.1e-8, input scales <= 4.9e-7). NVFP4 rounds
+  to one mantissa bit, so a value that lands within that rounding of a bucket edge can round
+  the other way in one of the two runs and move its element by up to a third: once seen in
+  a fresh-clone run (EP=2, step 5 of 6: KD 1.4e-3 relative, the steps before it <= 1e-6).
+  Bound: 1e-2 relative. What these comparisons guard is of another order: without the
+  reduction of a row-parallel or expert output a rank holds a partial sum of its terms. The
+  budget of every step is compared exactly, and scales that ranks disagree on are caught
+  bitwise below.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ OVERRIDES = [
     "qad_train.eval_seq_length=32",
     "quant.calib_batches=2",
 ]
-RTOL = {"tp2": 1e-4, "ep2": 1e-4, "pp2": 0.0, "dp2": 0.0}
+RTOL = {"tp2": 1e-2, "ep2": 1e-2, "pp2": 0.0, "dp2": 0.0}
 FIGURES = ("ref_loss", "ptq_loss", "qad_loss", "ptq_kd", "qad_kd")
 
 
