@@ -155,6 +155,57 @@ def test_pair_grid_same_runs_think_equals_answer_pairs_and_names_its_field():
         GenerateConfig(timing_rounds=-1)
 
 
+def test_timing_rounds_run_every_pair_once_per_round_in_a_rotated_order(monkeypatch):
+    """Round r runs each pair once on the first ``timing_prompts`` prompts, in the pairs'
+    order rotated by r; each pair gets one entry per round with that round's figures."""
+    from megatron_ext.generate import budget
+
+    calls: list[tuple[str, str, str]] = []
+
+    def fake_think_then_answer(models, think, answer, codec, prompt, cfg, sampler):
+        calls.append((think, answer, prompt))
+        return len(calls)  # the call's number stands in for the answer
+
+    class FakeReport:
+        def __init__(self, think, answer, answers):
+            self.answers = answers
+
+        def as_dict(self):
+            last = self.answers[-1]
+            return {
+                "latency_s": float(last),
+                "think": {"decode_tokens_per_s": 10.0 * last},
+                "answer": {"decode_tokens_per_s": 100.0 * last},
+            }
+
+    monkeypatch.setattr(budget, "think_then_answer", fake_think_then_answer)
+    monkeypatch.setattr(budget, "PairReport", FakeReport)
+    gen = GenerateConfig(
+        think_budget="L",
+        answer_budget="L",
+        all_pairs=True,
+        pair_budgets=["L", "S"],
+        timing_rounds=5,
+        timing_prompts=2,
+    )
+    pairs = gen.pairs()
+    assert len(pairs) == 4
+    rounds = budget.time_pairs_interleaved(None, None, gen, ["p0", "p1", "p2"], progress=False)
+    assert {p for _, _, p in calls} == {"p0", "p1"}  # only the first timing_prompts
+    order = [(t, a) for t, a, p in calls if p == "p0"]
+    assert len(order) == 5 * 4
+    for r in range(5):
+        shift = r % 4
+        assert order[4 * r : 4 * r + 4] == pairs[shift:] + pairs[:shift], r
+    for t, a in pairs:
+        entries = rounds[f"{t}->{a}"]
+        assert len(entries) == 5
+        # each entry is that round's run of the pair: call numbers grow round by round
+        latencies = [e["latency_s"] for e in entries]
+        assert latencies == sorted(latencies) and len(set(latencies)) == 5
+        assert all(e["think_tokens_per_s"] == 10.0 * e["latency_s"] for e in entries)
+
+
 def test_timing_summary_gives_the_median_and_the_relative_spread_of_the_rounds():
     rounds = [
         {"latency_s": lat, "think_tokens_per_s": tps, "answer_tokens_per_s": 2 * tps}

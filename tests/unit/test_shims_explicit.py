@@ -37,10 +37,12 @@ print(json.dumps({
 """
 
 
-def test_importing_library_modules_applies_no_shim():
+def _fresh_python(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter (no conftest, only the checkout on the path) and
+    return the JSON line it printed last."""
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -48,7 +50,11 @@ def test_importing_library_modules_applies_no_shim():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_library_modules_applies_no_shim():
+    out = _fresh_python(PROBE)
     assert out["applied"] == [] and out["current_device_untouched"]
     # the packages that used to apply them on import import cleanly without them
     assert {"megatron_ext.models", "megatron_ext.elastic", "megatron_ext.generate"} <= set(
@@ -81,16 +87,6 @@ def test_a_pickled_hydra_state_and_config_load_before_any_shim(tmp_path):
     cfg = compose_recipe("train_elastic", [])
     blob = tmp_path / "job.pkl"
     blob.write_bytes(cloudpickle.dumps((Singleton.get_state(), cfg)))
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_PICKLE, str(blob)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _fresh_python(LOAD_PICKLE, str(blob))
     assert out["applied"] == []
     assert {"model", "elastic", "elastic_train"} <= set(out["keys"])
