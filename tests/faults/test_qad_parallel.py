@@ -18,18 +18,23 @@ Tolerances (one process vs two ranks):
   The grad norm (not compared) is summed over the optimizer's shards in another order
   (~1e-7 relative at DP=2); it stays below ``qad_train.grad_clip`` here, so it never
   scales an update.
-* TP=2 and EP=2: rounding. TP splits the row-parallel GEMMs' and the vocab-parallel KL's
-  sums into two partial sums added by an all-reduce; EP sums the routed experts' outputs
-  in another order. Each is ~1e-7 relative; the KD loss (~1e-3) is a small difference of
-  log-probabilities, so its relative rounding is larger (measured: KD per step <= 7.7e-7,
-  held-out KD <= 3.4e-6, held-out losses <= 9.1e-8, input scales <= 4.9e-7). NVFP4 rounds
-  to one mantissa bit, so a value that lands within that rounding of a bucket edge can round
-  the other way in one of the two runs and move its element by up to a third: once seen in
-  a fresh-clone run (EP=2, step 5 of 6: KD 1.4e-3 relative, the steps before it <= 1e-6).
-  Bound: 1e-2 relative. What these comparisons guard is of another order: without the
-  reduction of a row-parallel or expert output a rank holds a partial sum of its terms. The
-  budget of every step is compared exactly, and scales that ranks disagree on are caught
-  bitwise below.
+* TP=2 and EP=2: rounding, then its growth. TP splits the row-parallel GEMMs' and the
+  vocab-parallel KL's sums into two partial sums added by an all-reduce; EP sums the routed
+  experts' outputs in another order. Each is ~1e-7 relative; the KD loss (~1e-3) is a small
+  difference of log-probabilities, so its relative rounding is larger. Before any QAD update
+  (the unquantized and PTQ figures, the first step's KD, the input scales) the two runs hold
+  the same weights, and only that rounding separates them: bound 1e-4 (measured <= 3.4e-6).
+  After updates it can grow: NVFP4 rounds to one mantissa bit, so a value within rounding
+  of a bucket edge can land on the other side in one run and move by up to a third of
+  itself, and Adam's normalised update turns rounding-level gradient differences of
+  near-zero gradients into differences of the order of the learning rate. In fresh-clone
+  runs of this config (2 threads per rank), TP=2 stayed within 1.2e-6 at every step while
+  EP=2 went 5e-8 (step 3), 1.9e-5, 1.4e-3, 1.6e-2 (step 6), and its QAD held-out KD ended
+  1.9e-2 apart (held-out loss 2.1e-4); an earlier run had measured EP=2 within 7.7e-7 at
+  every step, so whether and when it grows follows the rounding. Bound after the first
+  step: 1e-1 relative, a check that both runs trained alike; the exact checks of these
+  layouts are the budget of every step, the replicas and scales compared bitwise below, and
+  the bit-identical resume.
 """
 
 from __future__ import annotations
@@ -65,8 +70,12 @@ OVERRIDES = [
     "qad_train.eval_seq_length=32",
     "quant.calib_batches=2",
 ]
-RTOL = {"tp2": 1e-2, "ep2": 1e-2, "pp2": 0.0, "dp2": 0.0}
-FIGURES = ("ref_loss", "ptq_loss", "qad_loss", "ptq_kd", "qad_kd")
+RTOL = {"tp2": 1e-4, "ep2": 1e-4, "pp2": 0.0, "dp2": 0.0}
+"""Before any QAD update: the unquantized and PTQ figures, the first step, the input scales."""
+RTOL_TRAINED = {"tp2": 1e-1, "ep2": 1e-1, "pp2": 0.0, "dp2": 0.0}
+"""After QAD updates: the later steps' KD and the QAD figures (see the module docstring)."""
+BEFORE_QAD = ("ref_loss", "ptq_loss", "ptq_kd")
+AFTER_QAD = ("qad_loss", "qad_kd")
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +133,17 @@ def test_qad_at_two_ranks_gives_one_process_losses_and_per_budget_figures(
     assert len({s["budget"] for s in ref["qad_curve"]}) > 1  # more than one budget trained
     for a, b in zip(ref["qad_curve"], got["qad_curve"]):
         assert a["budget"] == b["budget"] and a["step"] == b["step"]
-        assert _close(b["kd"], a["kd"], rtol), (layout, a, b)
+        bound = rtol if a["step"] == 1 else RTOL_TRAINED[layout]
+        assert _close(b["kd"], a["kd"], bound), (layout, a, b)
     # unquantized, PTQ and QAD held-out loss and KD of every budget
     assert set(got["budgets"]) == set(ref["budgets"]) == {"L", "M", "S"}
     for name, fig in ref["budgets"].items():
-        assert got["budgets"][name]["widths"] == fig["widths"]
-        for key in FIGURES:
-            assert _close(got["budgets"][name][key], fig[key], rtol), (layout, name, key)
+        mine = got["budgets"][name]
+        assert mine["widths"] == fig["widths"]
+        for key in BEFORE_QAD:
+            assert _close(mine[key], fig[key], rtol), (layout, name, key)
+        for key in AFTER_QAD:
+            assert _close(mine[key], fig[key], RTOL_TRAINED[layout]), (layout, name, key)
     # the quantization state, gathered from every rank under the unsharded names
     assert got["quantized_modules"] == ref["quantized_modules"]
     assert got["high_precision"] == ref["high_precision"]
