@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 
 from torch import Tensor, nn
 
@@ -89,7 +89,7 @@ class Axis:
         return {"tp": stripe_tp, "ep": stripe_ep}.get(self.stripe or "", 1)
 
 
-class Scorer:
+class Scorer(Protocol):
     """What a site's importance hooks get from :class:`megatron_ext.elastic.importance.
     ImportanceScorer`: accumulators, hook registration, the process groups."""
 
@@ -100,19 +100,19 @@ class Scorer:
 
     def zeros(self, site: Site, key: tuple[str, int], *shape: int) -> Tensor:
         """A float64 accumulator under ``key`` that ``site.reduce`` turns into scores."""
-        raise NotImplementedError
+        ...
 
     def hook(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
         """Register a forward (``pre``: forward-pre) hook, removed on exit."""
-        raise NotImplementedError
+        ...
 
     def acc(self, key: tuple[str, int]) -> Tensor | None:
         """The accumulator under ``key`` (``None``: none yet)."""
-        raise NotImplementedError
+        ...
 
     def token_sum(self, t: Tensor) -> Tensor:
         """Sum a per-rank token statistic over every rank that saw other tokens."""
-        raise NotImplementedError
+        ...
 
 
 class Site:
