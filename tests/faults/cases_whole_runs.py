@@ -25,9 +25,9 @@ from typing import Any  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ext.compat.engine import apply_engine_shims  # noqa: E402
-from megatron_ext.config.compose import compose_recipe  # noqa: E402
 from megatron_ext.parallel import destroy_distributed  # noqa: E402
 from recipes.cli import RECIPES  # noqa: E402
+from tests.faults.kill_resume import run_in_process  # noqa: E402
 
 
 def _keep_world() -> None:
@@ -38,12 +38,10 @@ def _keep_world() -> None:
 
 def run_one(name: str, spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """``spec["recipe"]`` with ``spec["overrides"]`` into ``<out_dir>/<name>``."""
-    config_name, module_name, _ = RECIPES[spec["recipe"]]
-    recipe = importlib.import_module(module_name)
-    recipe.destroy_distributed = _keep_world  # the next run reuses the world
-    cfg = compose_recipe(config_name, [f"run.dir={out_dir / name}", *spec["overrides"]])
-    summary = recipe.run(cfg)
-    return {"run_dir": str(out_dir / name), "keys": sorted(summary or {})}
+    module = importlib.import_module(RECIPES[spec["recipe"]][1])
+    module.destroy_distributed = _keep_world  # the next run reuses the world
+    run_in_process(spec["recipe"], out_dir / name, spec["overrides"])
+    return {"run_dir": str(out_dir / name)}
 
 
 def main(out: Path) -> None:

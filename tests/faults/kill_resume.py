@@ -226,8 +226,9 @@ def whole_runs(out_dir: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[st
 
 
 def run_in_process(recipe: str, run_dir: Path, overrides: list[str]) -> None:
-    """``recipe`` on one process, here, into ``run_dir`` (``OMP_NUM_THREADS`` threads: the
-    bit-identical comparisons must not depend on how a GEMM splits its sums over threads)."""
+    """``recipe``'s ``run`` in this process (alone, or one rank of a launch), into ``run_dir``,
+    with ``OMP_NUM_THREADS`` threads: the bit-identical comparisons must not depend on how a
+    GEMM splits its sums over threads."""
     import importlib
 
     from megatron_ext.config.compose import compose_recipe
@@ -256,19 +257,16 @@ def kill_and_resume(
     overrides: list[str],
     steps: int,
     *,
+    whole: Path,
     sig: int = signal.SIGKILL,
-    whole: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``recipe`` at ``parallel=<layout>`` whole (or take the finished run ``whole``:
-    :func:`whole_runs`),
-    again killed by ``sig`` at a seeded step and resumed; assert both end bit-identical,
+    """Run ``recipe`` at ``parallel=<layout>``, killed by ``sig`` at a seeded step, and
+    resume it; assert it ends bit-identical to the finished uninterrupted run ``whole``
+    (:func:`whole_runs`),
     nothing outlived the launcher and nothing unfinished or corrupt was deleted. Returns
     :func:`interrupt_at_step`'s report plus the step."""
     overrides = [f"parallel={layout}", *overrides]
     split = tmp_path / "split"
-    if whole is None:
-        whole = tmp_path / "whole"
-        run_to_end(recipe, whole, overrides)
     step = kill_step(recipe, layout, steps)
     hit = interrupt_at_step(recipe, split, overrides, step, sig)
     assert hit["code"] != 0

@@ -40,20 +40,18 @@ Tolerances (one process vs two ranks):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_ext.checkpoint import CheckpointManager
-from megatron_ext.config.compose import compose_recipe
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import load_model_config
 from megatron_ext.parallel import ParallelConfig, init_distributed
 from megatron_ext.quant.state import apply_quant_state, read_quant_state
 from tests.distributed.launch import case, run_cases
-from tests.faults.kill_resume import assert_same_run, kill_and_resume
+from tests.faults.kill_resume import assert_same_run, kill_and_resume, run_in_process
 
 SCRIPT = Path(__file__).with_name("cases_qad_parallel.py")
 STEPS = 6
@@ -87,15 +85,8 @@ def overrides(elastic_source, data_overrides) -> list[str]:
 def one_process(tmp_path_factory, overrides) -> Path:
     """The reference: the recipe on one process, with as many threads as each rank has (the
     exact comparisons must not depend on how a GEMM splits its sums over threads)."""
-    from recipes import qad
-
     run_dir = tmp_path_factory.mktemp("qad_single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))  # torchrun's ranks'
-    try:
-        qad.run(compose_recipe("qad", [f"run.dir={run_dir}", *overrides]))
-    finally:
-        torch.set_num_threads(threads)
+    run_in_process("qad", run_dir, overrides)  # with torchrun's ranks' thread count
     return run_dir
 
 
