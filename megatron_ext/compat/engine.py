@@ -4,8 +4,9 @@ Applied once by :func:`apply_engine_shims`, which the entry points call explicit
 command line, the test configuration, the benchmarks, the distributed test scripts); nothing
 applies them on import. Each shim names its upstream site (megatron-core 0.16.1). None
 changes numerics: they move tensors that upstream creates with ``device="cuda"`` to the CPU,
-answer CUDA type-name checks for CPU tensors, skip a CUDA RNG state, and fix two
-distributed-optimizer checkpoint problems of torch's (non-Apex) Adam.
+answer CUDA type-name checks for CPU tensors, skip a CUDA RNG state, fix two
+distributed-optimizer checkpoint problems of torch's (non-Apex) Adam, and turn a bucket
+collective over a group of one rank into the copy it amounts to.
 """
 
 from __future__ import annotations
@@ -193,6 +194,37 @@ def distributed_optimizer_checkpoints() -> None:
     cls.load_state_dict = load_with_own_steps  # type: ignore[method-assign]
 
 
+def _identity_over_one_rank(collective: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(collective)
+    def call(output: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("group")
+        if group is not None and not kwargs.get("async_op", False) and group.size() == 1:
+            if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
+                output.copy_(input)
+            return None
+        return collective(output, input, *args, **kwargs)
+
+    return call
+
+
+def single_rank_bucket_collectives() -> None:
+    """Shim E: a bucket's reduce-scatter and all-gather over a group of ONE rank are copies.
+
+    Upstream site: ``distributed/param_and_grad_buffer.py`` 35-36 (``dist_all_gather_func``,
+    ``dist_reduce_scatter_func``), called by ``start_grad_sync`` (443) and
+    ``start_param_sync`` (277) when the distributed optimizer is on. Over a data-parallel group
+    of one rank each is the identity on the bucket (its shard is the whole bucket), yet gloo
+    runs it as a coalesced collective: about 6% of a 1-rank step at hidden 256. A synchronous
+    call over such a group copies (or, when the shard is the bucket itself, does nothing) and
+    returns; an asynchronous one (``overlap_grad_reduce``), or any group of more ranks, goes to
+    upstream's collective. The gradient scaling before the call is upstream's either way.
+    """
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    buffers.dist_reduce_scatter_func = _identity_over_one_rank(buffers.dist_reduce_scatter_func)
+    buffers.dist_all_gather_func = _identity_over_one_rank(buffers.dist_all_gather_func)
+
+
 def gloo_optimizer_groups(optimizer: Any) -> None:
     """On gloo, the distributed optimizer's data-parallel group is its gloo group too.
 
@@ -243,13 +275,14 @@ _SHIMS: dict[str, Callable[[], None]] = {
     "host_device_literals": host_device_literals,
     "cuda_type_name_checks": cuda_type_name_checks,
     "host_recompute_rng": host_recompute_rng,
+    "single_rank_bucket_collectives": single_rank_bucket_collectives,
 }
 
 
 def apply_engine_shims() -> list[str]:
     """Apply the engine shims this machine needs, once; return their names.
 
-    Without CUDA: A, B and C. D wherever upstream runs torch's own Adam (no Apex or TE): it is
+    Without CUDA: A, B, C and E. D wherever upstream runs torch's own Adam (no Apex or TE): it is
     about that optimizer, not the device.
     """
     if _APPLIED:

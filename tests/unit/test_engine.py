@@ -45,6 +45,43 @@ def test_bf16_trains_with_fp32_main_params_and_stays_close_to_fp32(pgs):
     assert bf16[-1][0] < bf16[0][0]  # and it trains
 
 
+def test_one_rank_bucket_collectives_become_copies_and_leave_every_step_bit_identical(
+    pgs, monkeypatch
+):
+    """Shim E: over a data-parallel group of one rank the distributed optimizer's bucket
+    reduce-scatter and all-gather never reach gloo, and the steps are those of upstream's own
+    collectives, bit for bit (both are the identity on the bucket there)."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    from megatron_ext.compat.engine import _identity_over_one_rank
+
+    calls: list[str] = []
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return call
+
+    upstream = {
+        name: getattr(buffers, name).__wrapped__
+        for name in ("dist_reduce_scatter_func", "dist_all_gather_func")
+    }
+    for name, fn in upstream.items():
+        monkeypatch.setattr(buffers, name, counted(fn))
+    reference, reference_params, engine = run(pgs)
+    assert engine.optimizer.config.use_distributed_optimizer
+    assert len(calls) == 2 * STEPS  # upstream: one reduce-scatter, one all-gather a step
+    calls.clear()
+    for name, fn in upstream.items():
+        monkeypatch.setattr(buffers, name, _identity_over_one_rank(counted(fn)))
+    shimmed, params, _ = run(pgs)
+    assert calls == []
+    assert shimmed == reference  # losses and grad norms, every step, exactly
+    assert all(torch.equal(params[n], reference_params[n]) for n in reference_params)
+
+
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_recompute_is_bit_identical_to_no_recompute(pgs, mode):
     plain, plain_params, _ = run(pgs)
