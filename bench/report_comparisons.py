@@ -53,9 +53,12 @@ from megatron_ext.elastic.slice_run import load_source  # noqa: E402
 from megatron_ext.elastic.slicing import build_slice, slice_model  # noqa: E402
 from megatron_ext.elastic.standalone import budget_stages, distill, share_tokens  # noqa: E402
 from megatron_ext.elastic.train_config import ElasticTrainConfig  # noqa: E402
-from megatron_ext.generate.budget import run_pairs  # noqa: E402
 from megatron_ext.generate.config import GenerateConfig  # noqa: E402
-from megatron_ext.generate.evaluate import evaluation_set, score_pair  # noqa: E402
+from megatron_ext.generate.evaluate import (  # noqa: E402
+    evaluation_set,
+    first_prompts,
+    own_budget_accuracy,
+)
 from megatron_ext.generate.sources import SliceBudgets  # noqa: E402
 from megatron_ext.models.builder import build_model  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
@@ -95,14 +98,13 @@ def losses(model, batches) -> dict[str, float]:
 
 def task_accuracy(model, tokenizer, gen: GenerateConfig, evalset) -> dict[str, float]:
     """Exact-match accuracy of ``model`` thinking and answering alone, with its standard error."""
-    models = SliceBudgets({"X": model})
-    report = next(run_pairs(models, tokenizer, gen, evalset.prompts, progress=False))
-    answers = [a.answer_text for a in report.answers]
-    thoughts = [a.think_text for a in report.answers]
-    figures, _ = score_pair(answers, thoughts, evalset, gen.think_close)
-    p, n = figures["accuracy"], figures["total"]
+    figures = own_budget_accuracy(SliceBudgets({"X": model}), tokenizer, gen, evalset, ["X"])["X"]
     model.train()
-    return {"accuracy": p, "correct": figures["correct"], "total": n}
+    return {
+        "accuracy": figures["accuracy"],
+        "correct": figures["correct"],
+        "total": figures["total"],
+    }
 
 
 def generation_config(prompts: int) -> GenerateConfig:
@@ -150,11 +152,7 @@ def main() -> None:
         docs, tokenizer.eod, train.eval_seq_length, train.micro_batch_size, SECOND_CORPUS_BATCHES
     )
     gen = generation_config(n_prompts)
-    evalset = evaluation_set(gen, data)
-    evalset.prompts = evalset.prompts[:n_prompts]
-    for name in ("references", "traces"):
-        if getattr(evalset, name) is not None:
-            setattr(evalset, name, getattr(evalset, name)[:n_prompts])
+    evalset = first_prompts(evaluation_set(gen, data), n_prompts)
 
     def measure(model) -> dict:
         return {

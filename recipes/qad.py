@@ -20,6 +20,7 @@ from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.convert import convert_to_elastic
 from megatron_ext.elastic.slice_run import load_source, requested_widths
 from megatron_ext.export.quantized import check_quantized_hf_compatible
+from megatron_ext.generate.config import GenerateConfig
 from megatron_ext.models.config import load_model_config, save_model_config
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed, set_seed
 from megatron_ext.quant.backends import quant_mode, resolve_backend
@@ -33,8 +34,15 @@ from megatron_ext.quant.qad import (
     evaluate_kd,
     train_qad,
 )
-from megatron_ext.quant.report import HEADERS, budget_rows, plot_quant_budgets
+from megatron_ext.quant.report import (
+    HEADERS,
+    TASK_HEADERS,
+    budget_rows,
+    plot_quant_budgets,
+    task_rows,
+)
 from megatron_ext.quant.state import quant_state, write_quant_state
+from megatron_ext.quant.task import TaskAccuracy, task_figures
 from megatron_ext.report import format_table, write_summary
 from megatron_ext.run_format import checkpoints_dir, read_summary
 from megatron_ext.runtime import is_main, main_print, prepare_run_dir
@@ -100,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     quant = section(cfg, "quant", QuantConfig)
     qad = section(cfg, "qad_train", QADConfig)
     parallel = section(cfg, "parallel", ParallelConfig)
-    check_qad_layout(parallel, bool(cfg.export))
+    check_qad_layout(parallel, bool(cfg.export), qad.task_prompts)
     backend, why = resolve_backend(quant)
     model_backend = "te" if backend == "te" else str(cfg.model_backend)
     source = Path(str(cfg.source.dir))
@@ -108,6 +116,11 @@ def run(cfg: DictConfig) -> dict:
         check_quantized_hf_compatible(load_model_config(source))  # refuse before the long work
     engine_cfg = EngineConfig.of(qad, "qad_train", weight_decay=0.0)
     engine_cfg.microbatches(1)  # a global batch that does not split fails before the work
+    task = None
+    if qad.task_prompts:  # an evaluation set without answers fails before the work
+        gen = section(cfg, "generation", GenerateConfig)
+        task = TaskAccuracy.of(gen, data, qad.task_prompts, tokenizer_for(data))
+    accuracy: dict = {}
     pgs = init_distributed(parallel)
     preemption = PreemptionHandler().install()
     model_cfg = load_model_config(source)
@@ -129,12 +142,16 @@ def run(cfg: DictConfig) -> dict:
 
     with quant_mode(student, "off", backend, quant.format):
         ref = evaluate_budgets(student, ctrl, budgets, valid, pgs)
+        if task is not None:
+            accuracy["ref"] = task(student, ctrl, budgets)
     if record is not None:
         full = {"full": ctrl.full_widths}
         calibrate(student, calib, ctrl, budgets if quant.calib_budgets == "all" else full, pgs)
     with quant_mode(student, "quant", backend, quant.format):
         kd = {"ptq": evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)}
         ptq = evaluate_budgets(student, ctrl, budgets, valid, pgs)
+        if task is not None:
+            accuracy["ptq"] = task(student, ctrl, budgets)
         history, final = None, {}
         ckpts = CheckpointManager(checkpoints_dir(run_dir), pgs, keep=1)
         tags = {"kind": "qad", "format": quant.format}
@@ -170,12 +187,16 @@ def run(cfg: DictConfig) -> dict:
                 preemption.uninstall()
             final = evaluate_budgets(student, ctrl, budgets, valid, pgs)
             kd["qad"] = evaluate_kd(student, ctrl, teacher, teacher_ctrl, budgets, valid, qad, pgs)
+            if task is not None:
+                accuracy["qad"] = task(student, ctrl, budgets)
             path = ckpts.path_for(qad.steps)
         else:
             preemption.uninstall()
             path = ckpts.save(0, student, None, tags)
 
     figures = budget_figures(budgets, ref, ptq, final, kd)
+    for name, row in task_figures(accuracy).items():
+        figures[name]["task"] = row
     qstate = quant_state(student, pgs) if record is not None else None  # every rank's
     if qstate is not None:
         write_quant_state(qstate, run_dir)
@@ -221,5 +242,7 @@ def run(cfg: DictConfig) -> dict:
         plot_quant_budgets(figures, run_dir / "quant_budgets.png", title)
     main_print(f"{title}: {run_dir} (reference dtype {model_cfg.params_dtype})")
     main_print(format_table(HEADERS, budget_rows(figures)))
+    if accuracy:
+        main_print(format_table(TASK_HEADERS, task_rows(figures)))
     destroy_distributed()
     return summary

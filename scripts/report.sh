@@ -8,7 +8,7 @@
 #     its second curriculum stage (equal tokens) and its own-budget accuracies
 #     -> bench/report_comparisons.py (every budget distilled alone at equal tokens, width vs
 #     depth at equal parameters, a second held-out corpus) -> qad fp8 / nvfp4 (when the qad
-#     recipe is installed) -> REPORT.md
+#     recipe is installed; held-out loss and task accuracy of every budget) -> REPORT.md
 #
 # Every stage writes under $ROOT (default runs/report) and resumes from its own checkpoints
 # when run again; the report is $ROOT/REPORT.md with its PNGs beside it. On 2 CPU cores shared
@@ -109,6 +109,7 @@ if [ "$QAD" = 1 ]; then
   for format in fp8 nvfp4; do
     stage "QAD $format"
     "$SE" qad "${DATA[@]}" "${ELASTIC[@]}" "quant=$format" "qad_train.steps=$QAD_STEPS" \
+      generation=arithmetic "qad_train.task_prompts=$COMPARE_PROMPTS" \
       "source.dir=$ROOT/elastic" "run.dir=$ROOT/qad_$format"
   done
 fi

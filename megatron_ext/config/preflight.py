@@ -43,9 +43,16 @@ def _model(cfg: DictConfig) -> HybridModelConfig | None:
     return None
 
 
-def check_qad_layout(parallel: ParallelConfig, export: bool) -> None:
-    """Raise :class:`ConfigError` for a qad layout it cannot run: ``export=true`` on
-    several ranks (the quantized Hugging Face export is written from one unsharded process)."""
+def check_qad_layout(parallel: ParallelConfig, export: bool, task_prompts: int = 0) -> None:
+    """Raise :class:`ConfigError` for a qad layout it cannot run: ``export=true`` or
+    ``qad_train.task_prompts`` on several ranks (the quantized Hugging Face export is written,
+    and the task is generated, from one unsharded process)."""
+    if task_prompts and parallel.nproc > 1:
+        raise ConfigError(
+            f"qad_train.task_prompts: the task accuracy is generated in one process, not on "
+            f"parallel.nproc={parallel.nproc} ranks; set qad_train.task_prompts=0 (the held-out "
+            "figures are measured at any layout), or use parallel=single"
+        )
     if export and parallel.nproc > 1:
         raise ConfigError(
             f"export: qad writes the quantized Hugging Face exports from one process, not "
@@ -78,7 +85,10 @@ def check_layout(recipe: str, cfg: DictConfig) -> ParallelConfig | None:
             "against cp=1); set parallel.cp=1, or parallel.tp=1 and parallel.pp=1"
         )
     if recipe == "qad":
-        check_qad_layout(parallel, bool(cfg.get("export", False)))
+        qad = cfg.get("qad_train") or {}
+        check_qad_layout(
+            parallel, bool(cfg.get("export", False)), int(qad.get("task_prompts", 0) or 0)
+        )
     model = _model(cfg)
     if model is not None:
         parallel.check_model(model)

@@ -144,3 +144,48 @@ def score_pair(
             sum(v["correct"] for v in good) / len(good) if good else None
         )
     return figures, verdicts
+
+
+def first_prompts(evalset: EvalSet, count: int) -> EvalSet:
+    """The first ``count`` prompts of ``evalset`` with their references and traces."""
+
+    def head(values: list[str] | None) -> list[str] | None:
+        return None if values is None else values[:count]
+
+    return EvalSet(
+        evalset.prompts[:count], head(evalset.references), evalset.origin, head(evalset.traces)
+    )
+
+
+def own_budget_accuracy(
+    models, codec, gen: GenerateConfig, evalset: EvalSet, budgets: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Each budget's exact-match figures thinking and answering at itself (``L->L``, ...).
+
+    ``models`` hands out a decoder per budget (:class:`~megatron_ext.generate.budget.BudgetModels`);
+    ``gen`` gives the markers, token limits and sampling (its own pairs are ignored).
+    """
+    import dataclasses
+
+    from megatron_ext.generate.budget import run_pairs
+
+    if evalset.references is None:
+        raise ConfigError(f"task accuracy: {evalset.origin} has no reference answers")
+    first = budgets[0]
+    own = dataclasses.replace(
+        gen,
+        think_budget=first,
+        answer_budget=first,
+        all_pairs=True,
+        pair_budgets=list(budgets),
+        pair_grid="same",
+        timing_rounds=0,
+        warmup=False,
+        prompts=[],
+    )
+    out = {}
+    for report in run_pairs(models, codec, own, evalset.prompts, progress=False):
+        answers = [a.answer_text for a in report.answers]
+        thoughts = [a.think_text for a in report.answers]
+        out[report.think_budget] = score_pair(answers, thoughts, evalset, gen.think_close)[0]
+    return out

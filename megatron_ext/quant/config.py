@@ -115,10 +115,13 @@ class QADConfig:
     teacher: str = "elastic"
     eval_batches: int = 8
     eval_seq_length: int = 128
+    # exact-match task accuracy of every budget (think and answer at it), unquantized, after
+    # PTQ and after QAD, on the first this-many prompts of the data's test split; 0 = none
+    task_prompts: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "warmup_steps", "seed"):
+        for name in ("steps", "warmup_steps", "seed", "task_prompts"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 0, f"qad_train.{name}", "must be >= 0")
         for name in ("micro_batch_size", "seq_length", "eval_batches", "eval_seq_length"):

@@ -42,6 +42,32 @@ def budget_rows(figures: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
     return rows
 
 
+TASK_HEADERS = ["budget", "prompts", "ref accuracy", "PTQ accuracy", "QAD accuracy", "recovery"]
+
+
+def task_rows(figures: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    """One row per budget that has task figures (``qad_train.task_prompts``), in
+    :data:`TASK_HEADERS` order ('-' where QAD, or the recovery, is undefined)."""
+    rows = []
+    for name, f in figures.items():
+        task = f.get("task")
+        if not task:
+            continue
+        qad = task.get("qad")
+        recovery = task.get("recovery")
+        rows.append(
+            [
+                name,
+                task["ref"]["total"],
+                task["ref"]["accuracy"],
+                task["ptq"]["accuracy"],
+                "-" if qad is None else qad["accuracy"],
+                "-" if recovery is None else recovery,
+            ]
+        )
+    return rows
+
+
 def plot_quant_budgets(
     figures: Mapping[str, Mapping[str, Any]], path: str | Path, title: str
 ) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,7 @@ def quantization_section(cfg: ReportConfig, out_dir: Path) -> Section:
     for fmt, summary in runs.items():
         body += recovery_notes(fmt, summary["budgets"])
     body += kl_recovery(runs, budgets)
+    body += task_recovery(runs, budgets)
     if missing:
         body += ["", "Not run: " + "; ".join(str(m) for m in missing) + "."]
     plot_quantization(budgets, series, out_dir / QUANT_PNG)
@@ -227,6 +229,40 @@ def kl_recovery(runs: dict[str, dict[str, Any]], budgets: list[str]) -> list[str
         "unquantized model's, but when that KL is a few thousandths of a nat the held-out loss "
         "may move either way by as much, so the recovery above can be negative while QAD did "
         "its job. The KL on the same held-out batches (nats/token):",
+        "",
+        md_table(headers, rows),
+    ]
+
+
+def _binomial(figures: dict[str, Any] | None) -> str | None:
+    """``accuracy ± its binomial standard error`` of one exact-match figure set."""
+    if not figures:
+        return None
+    p, n = float(figures["accuracy"]), int(figures["total"])
+    return f"{p:.3f} ± {math.sqrt(p * (1 - p) / n) if n else 0.0:.3f}"
+
+
+def task_recovery(runs: dict[str, dict[str, Any]], budgets: list[str]) -> list[str]:
+    """Task accuracy unquantized / PTQ / QAD per budget and format (``qad_train.task_prompts``),
+    with the recovery on accuracy; nothing when no run scored the task."""
+    scored = {fmt: s for fmt, s in runs.items() if any("task" in f for f in s["budgets"].values())}
+    if not scored:
+        return []
+    headers, rows = ["budget", "prompts"], []
+    for fmt in scored:
+        headers += [f"{fmt} unquantized", f"{fmt} PTQ", f"{fmt} QAD", f"{fmt} recovery"]
+    for name in budgets:
+        tasks = [s["budgets"].get(name, {}).get("task", {}) for s in scored.values()]
+        row: list[Any] = [name, next((t["ref"]["total"] for t in tasks if t), None)]
+        for task in tasks:
+            row += [_binomial(task.get(k)) for k in ("ref", "ptq", "qad")]
+            row.append(task.get("recovery"))
+        rows.append(row)
+    return [
+        "",
+        "Task accuracy (exact match, think and answer at the budget, masked compute) of the same "
+        "models, ± its binomial standard error; recovery = (QAD − PTQ) / (unquantized − PTQ) "
+        "accuracy (empty where PTQ lost none):",
         "",
         md_table(headers, rows),
     ]

@@ -57,12 +57,17 @@ def test_a_width_not_divisible_by_tp_is_refused_before_torchrun(tmp_path, source
 def test_qad_layout_is_checked_before_torchrun_and_names_the_field(tmp_path, source, capsys):
     """qad builds the elastic model at its own layout: a width that splits at TP=1 but not
     over 2 TP ranks (144 -> 72 channels per rank, not whole 16-element blocks), and an
-    export asked of several ranks, are refused on the launcher; nothing is written."""
+    export or the task accuracy (both from one process) asked of several ranks, are refused
+    on the launcher; nothing is written."""
     run_dir = tmp_path / "run"
     argv = ["qad", f"source.dir={source}", f"run.dir={run_dir}", "parallel=tp2"]
     line = _refused(capsys, [*argv, "elastic.axes.ffn=[256,192,144,128]"], 2, "config error:")
     assert "elastic.axes.ffn" in line and "144" in line
     line = _refused(capsys, [*argv, "export=true"], 2, "config error: export:")
+    assert "parallel.nproc=2" in line
+    line = _refused(
+        capsys, [*argv, "qad_train.task_prompts=4"], 2, "config error: qad_train.task_prompts:"
+    )
     assert "parallel.nproc=2" in line
     line = _refused(
         capsys,

@@ -27,6 +27,8 @@ from megatron_ext.generate.evaluate import (
     evaluation_set,
     exact_match,
     extract_answer,
+    first_prompts,
+    own_budget_accuracy,
     read_references,
     score_pair,
 )
@@ -189,6 +191,21 @@ def test_trace_scoring_separates_a_wrong_trace_from_a_wrong_reading():
     ]
     assert figures["trace_accuracy"] == 0.5 and figures["accuracy_given_correct_trace"] == 0.0
     assert score_pair(["A: 936"], [""], EvalSet(["x"], None, "t"), "</think>") == ({}, [{}])
+
+
+def test_the_first_prompts_keep_their_own_answers_and_traces_and_unscored_sets_are_refused():
+    problems = [Problem(347, "+", 589), Problem(12, "+", 30), Problem(5, "+", 7)]
+    full = EvalSet(
+        [p.prompt for p in problems],
+        [p.answer for p in problems],
+        "t",
+        [p.trace for p in problems],
+    )
+    head = first_prompts(full, 2)
+    assert head.prompts == full.prompts[:2] and head.references == ["936", "42"]
+    assert head.traces == full.traces[:2] and head.origin == "t"
+    with pytest.raises(ConfigError, match="no reference answers"):
+        own_budget_accuracy(None, None, GenerateConfig(), EvalSet(["x"], None, "t"), ["L"])
 
 
 def test_references_come_from_jsonl_answers_and_must_be_on_every_line(tmp_path):

@@ -8,6 +8,9 @@ What is compared and why it is robust:
   reported but not asserted here (on the demo-scale run QAD closes 35-55% of it). The KD
   loss is ~1e-3 after PTQ and QAD lowers it by ~25% on average over the budgets in 12
   steps at lr 3e-5 (measured); the test asserts the mean goes down.
+* Task accuracy (``qad_train.task_prompts``): the references are the answers ``star-elastic
+  generate`` wrote for the same prompts at L (greedy, masked compute), so QAD's unquantized
+  pass must score exactly 1.0 at L: any difference between its decode and generate's fails.
 * FP8 (3 mantissa bits, per-tensor scales) perturbs the model far less than NVFP4 (1
   mantissa bit, 16-element blocks): its held-out KD loss after PTQ is smaller at every
   budget (measured 4-7x).
@@ -22,12 +25,14 @@ import torch
 
 from megatron_ext.checkpoint import CheckpointManager
 from megatron_ext.config.compose import compose_recipe
+from megatron_ext.generate.evaluate import extract_answer
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import load_model_config
 from megatron_ext.parallel import ParallelConfig, init_distributed
 from megatron_ext.quant.qad import recovery
 from megatron_ext.quant.state import read_quant_state
-from recipes import qad, train_elastic
+from megatron_ext.quant.task import accuracy_recovery
+from recipes import generate, qad, train_elastic
 
 SMOKE = [
     "curriculum=smoke",
@@ -63,10 +68,66 @@ def _qad(run_dir, source, data_overrides, *extra: str) -> dict:
     return qad.run(compose_recipe("qad", overrides))
 
 
+TASK = ["generation.max_think_tokens=6", "generation.max_answer_tokens=6"]
+
+
 @pytest.fixture(scope="module")
-def nvfp4(tmp_path_factory, elastic_run, data_overrides):
+def scored_prompts(tmp_path_factory, elastic_run, data_overrides):
+    """A prompts file whose references are generate's own answers at L, on the elastic run."""
+    out = tmp_path_factory.mktemp("generate_for_qad")
+    overrides = [
+        f"source.dir={elastic_run}",
+        f"run.dir={out / 'run'}",
+        *data_overrides,
+        *TASK,
+        "generation.think_budget=L",
+        "generation.answer_budget=L",
+    ]
+    summary = generate.run(compose_recipe("generate", overrides))
+    pair = summary["pairs"]["L->L"]
+    lines = [
+        json.dumps({"prompt": prompt, "answer": extract_answer(item["answer"])})
+        for prompt, item in zip(
+            compose_recipe("generate", []).generation.prompts, pair["generations"]
+        )
+    ]
+    path = out / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(lines)
+
+
+@pytest.fixture(scope="module")
+def nvfp4(tmp_path_factory, elastic_run, data_overrides, scored_prompts):
     run_dir = tmp_path_factory.mktemp("qad_nvfp4")
-    return run_dir, _qad(run_dir, elastic_run, data_overrides, "quant=nvfp4")
+    path, count = scored_prompts
+    task = [f"generation.prompts_file={path}", f"qad_train.task_prompts={count}", *TASK]
+    return run_dir, _qad(run_dir, elastic_run, data_overrides, "quant=nvfp4", *task)
+
+
+def test_qad_task_accuracy_is_scored_unquantized_after_ptq_and_after_qad(nvfp4, scored_prompts):
+    _, summary = nvfp4
+    _, count = scored_prompts
+    for f in summary["budgets"].values():
+        task = f["task"]
+        for stage in ("ref", "ptq", "qad"):
+            assert task[stage]["total"] == count
+            assert task[stage]["accuracy"] == task[stage]["correct"] / count
+        expected = accuracy_recovery(
+            task["ref"]["accuracy"], task["ptq"]["accuracy"], task["qad"]["accuracy"]
+        )
+        assert task["recovery"] == expected
+    assert summary["budgets"]["L"]["task"]["ref"]["accuracy"] == 1.0
+
+
+def test_qad_task_accuracy_without_reference_answers_is_refused_before_any_work(
+    tmp_path, elastic_run, data_overrides
+):
+    from megatron_ext.models.config import ConfigError
+
+    run_dir = tmp_path / "qad"
+    with pytest.raises(ConfigError, match="qad_train.task_prompts"):
+        _qad(run_dir, elastic_run, data_overrides, "qad_train.task_prompts=2")
+    assert not run_dir.exists()
 
 
 def test_qad_reports_every_budget_with_reference_ptq_qad_and_recovery(nvfp4, elastic_run):

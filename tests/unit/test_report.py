@@ -13,7 +13,7 @@ from megatron_ext.models.config import ConfigError
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.generation_sections import pair_order
 from megatron_ext.report.inputs import budget_throughput, run_checkpoint_size
-from megatron_ext.report.model_sections import recovery_notes
+from megatron_ext.report.model_sections import recovery_notes, task_recovery
 from megatron_ext.report.render import build_report
 from recipes import report as report_recipe
 
@@ -257,3 +257,17 @@ def test_quantization_notes_say_when_qad_ends_above_ptq_or_there_was_nothing_to_
     assert "nothing for QAD to recover" in " ".join(recovery_notes("FP8", tiny))
     recovered = {"L": {"ref_loss": 1.0, "ptq_loss": 1.5, "qad_loss": 1.1}}
     assert recovery_notes("NVFP4", recovered) == []
+
+
+def test_quantization_task_table_gives_each_stage_with_its_standard_error_and_the_recovery():
+    def scored(correct: int) -> dict:
+        return {"correct": correct, "total": 16, "accuracy": correct / 16}
+
+    task = {"ref": scored(12), "ptq": scored(8), "qad": scored(11), "recovery": 0.75}
+    runs = {"NVFP4": {"budgets": {"L": {"task": task}, "S": {}}}}
+    lines = "\n".join(task_recovery(runs, ["L", "S"])).splitlines()
+    row = next(line for line in lines if line.startswith("| L"))
+    # 12/16 = 0.75 ± sqrt(0.75 * 0.25 / 16) = 0.108; 8/16 = 0.5 ± 0.125; 11/16 = 0.6875 ± 0.116
+    for cell in ("16", "0.750 ± 0.108", "0.500 ± 0.125", "0.688 ± 0.116", "0.75"):
+        assert cell in row, row
+    assert task_recovery({"FP8": {"budgets": {"L": {}}}}, ["L"]) == []  # no task scored
