@@ -181,7 +181,7 @@ def own_budget_accuracy(
         pair_grid="same",
         timing_rounds=0,
         warmup=False,
-        prompts=[],
+        prompts=list(evalset.prompts),  # valid even when gen.prompts is empty
     )
     out = {}
     for report in run_pairs(models, codec, own, evalset.prompts, progress=False):
