@@ -20,7 +20,7 @@ from megatron_ext.generate.budget import (
     timing_summary,
 )
 from megatron_ext.generate.config import GenerateConfig
-from megatron_ext.generate.evaluate import EvalSet, evaluation_set, score_pair
+from megatron_ext.generate.evaluate import EvalSet, evaluation_set, score_report
 from megatron_ext.generate.sources import ElasticBudgets, open_budgets, source_kind
 from megatron_ext.parallel import ParallelConfig, destroy_distributed, init_distributed
 from megatron_ext.report import format_table, write_summary
@@ -65,9 +65,7 @@ def _rows(report: PairReport) -> list[list[Any]]:
 def _scored(report: PairReport, evalset: EvalSet, think_close: str) -> dict[str, Any]:
     """The pair's summary; with references, its exact-match figures and each verdict."""
     out = report.as_dict()
-    answers = [a.answer_text for a in report.answers]
-    thoughts = [a.think_text for a in report.answers]
-    figures, verdicts = score_pair(answers, thoughts, evalset, think_close)
+    figures, verdicts = score_report(report, evalset, think_close)
     out.update(figures)
     for item, reference, verdict in zip(out["generations"], evalset.references or [], verdicts):
         item.update(reference=reference, **verdict)

@@ -146,6 +146,13 @@ def score_pair(
     return figures, verdicts
 
 
+def score_report(report, evalset: EvalSet, think_close: str):
+    """:func:`score_pair` of a :class:`~megatron_ext.generate.budget.PairReport`'s answers."""
+    answers = [a.answer_text for a in report.answers]
+    thoughts = [a.think_text for a in report.answers]
+    return score_pair(answers, thoughts, evalset, think_close)
+
+
 def first_prompts(evalset: EvalSet, count: int) -> EvalSet:
     """The first ``count`` prompts of ``evalset`` with their references and traces."""
 
@@ -185,7 +192,5 @@ def own_budget_accuracy(
     )
     out = {}
     for report in run_pairs(models, codec, own, evalset.prompts, progress=False):
-        answers = [a.answer_text for a in report.answers]
-        thoughts = [a.think_text for a in report.answers]
-        out[report.think_budget] = score_pair(answers, thoughts, evalset, gen.think_close)[0]
+        out[report.think_budget] = score_report(report, evalset, gen.think_close)[0]
     return out
