@@ -39,8 +39,6 @@ class ElasticBudgets:
         self.controller = controller
         self.widths = {name: dict(w) for name, w in widths.items()}
         self.mode = mode
-        # serving: each budget's narrowed weights are gathered once, not at every step
-        controller.keep_narrow_weights = mode == "narrow"
 
     @property
     def names(self) -> list[str]:
@@ -49,12 +47,21 @@ class ElasticBudgets:
 
     @contextmanager
     def decoder(self, budget: str) -> Iterator[CachedDecoder]:
-        """A decoder of the elastic model at ``budget``'s widths (in ``mode``), for the block."""
+        """A decoder of the elastic model at ``budget``'s widths (in ``mode``), for the block.
+
+        In narrow mode the controller keeps each budget's narrowed weights for the block (they
+        are gathered once, not at every step); its setting before the block is restored after.
+        """
         if budget not in self.widths:
             raise ConfigError(f"generation: no budget {budget!r}; known: {self.names}")
         self.controller.set_gates(None)
-        with self.controller.at(self.widths[budget], mode=self.mode):
-            yield CachedDecoder(self.model)
+        keep = self.controller.keep_narrow_weights
+        self.controller.keep_narrow_weights = self.mode == "narrow"
+        try:
+            with self.controller.at(self.widths[budget], mode=self.mode):
+                yield CachedDecoder(self.model)
+        finally:
+            self.controller.keep_narrow_weights = keep
 
 
 class SliceBudgets:

@@ -60,14 +60,12 @@ class TaskAccuracy:
         from megatron_ext.generate.sources import ElasticBudgets
 
         training = model.training
-        keep = controller.keep_narrow_weights
         try:
             source = ElasticBudgets(model, controller, budgets, mode="masked")
             return own_budget_accuracy(
                 source, self.tokenizer, self.gen, self.evalset, list(budgets)
             )
         finally:
-            controller.keep_narrow_weights = keep
             model.train(training)
 
 

@@ -109,8 +109,10 @@ def test_elastic_decoding_equals_the_slice_token_for_token(world, mode):
     prompt = prompts(21)
     kwargs = dict(vocab_size=TOKENIZER.vocab_size, record_logits=True)
     with elastic.decoder("S") as decoder:
+        assert ctrl.keep_narrow_weights == (mode == "narrow")  # reused narrowed weights
         out = generate(decoder, prompt, 10, Sampler(), **kwargs)
         caches = decoder.context.key_value_memory_dict  # type: ignore[attr-defined]
+    assert not ctrl.keep_narrow_weights  # training after serving gathers fresh weights again
     with SliceBudgets({"S": small}).decoder("S") as decoder:
         sliced = generate(decoder, prompt, 10, Sampler(), **kwargs)
     _compare(out, sliced)
