@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noise in noisy:
         warnings.filterwarnings("ignore", message=noise)
+    # The distributed optimizer's fp32 shards are views of the parameters that keep autograd
+    # (0.16.1 optimizer/distrib_optimizer.py 421), so its zero_grad (optimizer/optimizer.py 66)
+    # reads .grad of a non-leaf tensor; it sets those .grad fields itself, so this is noise.
+    warnings.filterwarnings(
+        "ignore", message=".*a Tensor that is not a leaf", module=r"megatron\.core\.optimizer"
+    )
     from megatron_ext.compat import ensure_compat
 
     ensure_compat()  # the entry point's shims, before any megatron-core model module is imported
