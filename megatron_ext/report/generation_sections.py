@@ -13,7 +13,6 @@ from megatron_ext.report.plots import plot_budget_control, plot_frontier, plot_t
 CONTROL_PNG = "budget_control.png"
 FRONTIER_PNG = "budget_frontier.png"
 THROUGHPUT_PNG = "slice_throughput.png"
-ELASTIC = "elastic (masked)"
 SLICES = "slices"
 
 
@@ -298,15 +297,19 @@ def _brief(name: str, pair: dict[str, Any]) -> str:
 
 
 def throughput_section(cfg: ReportConfig, out_dir: Path) -> Section:
-    """Decode tokens/s of each standalone slice against the full-width model."""
+    """Decode tokens/s of each standalone slice against the largest slice and the elastic
+    checkpoint: masked (full width at every budget, the uncut model's speed) or narrow (each
+    budget on its active components, which a slice should match)."""
     title = "Slice throughput vs full"
     slices = read_summary(cfg.generate_slices)
     if isinstance(slices, Missing):
         return not_run(title, [slices], [generate_command(cfg, SLICES)])
     sliced = budget_throughput(slices)
     elastic_summary = read_summary(cfg.generate_elastic)
-    masked = {} if isinstance(elastic_summary, Missing) else budget_throughput(elastic_summary)
-    full_width = _mean([m["decode_tokens_per_s"] for m in masked.values()])
+    elastic = {} if isinstance(elastic_summary, Missing) else budget_throughput(elastic_summary)
+    label = elastic_label(cfg)
+    narrow = label == "elastic (narrow)"
+    full_width = _mean([m["decode_tokens_per_s"] for m in elastic.values()])
     sizes = read_summary(cfg.slices)
     params = {} if isinstance(sizes, Missing) else sizes.get("budgets") or {}
     budgets = sorted(sliced, key=lambda b: -(params.get(b, {}).get("params_total") or 0))
@@ -314,50 +317,72 @@ def throughput_section(cfg: ReportConfig, out_dir: Path) -> Section:
     rows = []
     for b in budgets:
         rate = sliced[b]["decode_tokens_per_s"]
+        other = elastic.get(b, {}).get("decode_tokens_per_s")
+        if narrow:
+            against = other / rate if other and rate else None  # elastic ÷ slice
+        else:
+            against = rate / full_width if full_width else None  # slice × full width
         rows.append(
             [
                 b,
                 params.get(b, {}).get("params_active"),
                 rate,
                 sliced[b]["prefill_tokens_per_s"],
-                masked.get(b, {}).get("decode_tokens_per_s"),
-                rate / full_width if full_width else None,
+                other,
+                against,
                 rate / largest if largest else None,
             ]
         )
+    top = budgets[0] if budgets else "-"
     headers = [
         "budget",
         "active params",
         "slice decode tok/s",
         "slice prefill tok/s",
-        "elastic (masked) decode tok/s",
-        "× full width",
-        f"× slice {budgets[0] if budgets else '-'}",
+        f"{label} decode tok/s",
+        "elastic ÷ slice" if narrow else "× full width",
+        f"× slice {top}",
     ]
+    if narrow:
+        meaning = (
+            "narrow: each budget runs its active components only and skips the layers it "
+            "drops). *elastic ÷ slice* divides the elastic checkpoint's decode rate at a budget "
+            "by its slice's: near 1 when narrow compute costs what the slice costs"
+        )
+    else:
+        meaning = (
+            "masked: full width at every budget). *× full width* divides by the masked "
+            "elastic model's mean decode rate, the speed of the uncut model"
+        )
     body = [
         f"Tokens/s of every phase run at a budget, pooled over the budget-control pairs of "
         f"`{cfg.generate_slices}` (standalone slices) and `{cfg.generate_elastic}` (the elastic "
-        "checkpoint, masked: full width at every budget). *× full width* divides by the masked "
-        "elastic model's mean decode rate, the speed of the uncut model.",
+        f"checkpoint, {meaning}. *× slice {top}* divides each slice's decode rate by the "
+        f"largest slice's.",
         "",
         md_table(headers, rows),
     ]
-    if not masked:
-        body += ["", f"Not run: {elastic_summary} (the full-width reference)."]
+    if not elastic:
+        body += ["", f"Not run: {elastic_summary} (the elastic reference)."]
     series: dict[str, list[float | None]] = {
         "slice": [sliced[b]["decode_tokens_per_s"] for b in budgets]
     }
-    if masked:
-        series[ELASTIC] = [masked.get(b, {}).get("decode_tokens_per_s") for b in budgets]
+    if elastic:
+        series[label] = [elastic.get(b, {}).get("decode_tokens_per_s") for b in budgets]
     plot_throughput(budgets, series, out_dir / THROUGHPUT_PNG)
     smallest = budgets[-1] if budgets else "-"
-    headline = f"{smallest}: {rows[-1][5]:.2f}x full width" if rows and rows[-1][5] else "measured"
+    if narrow or not (rows and rows[-1][5]):
+        speedup = rows[-1][6] if rows else None
+        headline = f"{smallest}: {speedup:.2f}x slice {top}" if speedup else "measured"
+    else:
+        headline = f"{smallest}: {rows[-1][5]:.2f}x full width"
+    key = label.replace("elastic (", "elastic_").rstrip(")")
     return Section(
         title,
         "\n".join(body),
         [THROUGHPUT_PNG],
         headline=headline,
-        figures={"slices": sliced, "elastic_masked": masked},
+        figures={"slices": sliced, key: elastic},
     )
 
 

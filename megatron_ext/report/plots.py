@@ -153,13 +153,13 @@ def plot_checkpoint_sizes(
 def plot_throughput(
     budgets: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path
 ) -> Path:
-    """PNG: decode tokens/s per budget, one bar per model source (slice, masked elastic)."""
+    """PNG: decode tokens/s per budget, one bar per model source (slice, elastic)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     grouped_bars(ax, budgets, series)
     ax.set_xlabel("budget")
     ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title("standalone slices vs the full-width elastic model")
+    ax.set_title("standalone slices vs the elastic checkpoint")
     return _save(fig, path)
 
 

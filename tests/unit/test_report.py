@@ -240,6 +240,32 @@ def test_throughput_pools_every_phase_run_at_a_budget():
     assert rates["S"]["decode_tokens"] == 2 * 120 + 2 * 20
 
 
+@pytest.mark.parametrize("compute", ["masked", "narrow"])
+def test_throughput_divides_by_the_reference_that_the_elastic_compute_mode_gives(
+    runs, tmp_path, compute
+):
+    from megatron_ext.report.generation_sections import throughput_section
+
+    # slices decode S at 200 tok/s and L at 100; the elastic run at 100 (masked: full width
+    # at both budgets) or at 160 / 90 (narrow: each budget its own cost)
+    speed = {"S": 100.0, "L": 100.0} if compute == "masked" else {"S": 160.0, "L": 90.0}
+    summary = _generate(dict.fromkeys(("S->L", "S->S", "L->S", "L->L"), 3), speed)
+    _write(runs / "generate_elastic", summary | {"compute": compute})
+    section = throughput_section(_config(runs), tmp_path)
+    assert f"elastic ({compute}) decode tok/s" in section.body
+    assert section.figures[f"elastic_{compute}"]["S"]["decode_tokens_per_s"] == pytest.approx(
+        speed["S"]
+    )
+    if compute == "masked":  # slice S 200 / full width 100
+        assert "× full width" in section.body and section.headline == "S: 2.00x full width"
+        assert "| S | 300 | 200 | 4,000 | 100 | 2 | 2 |" in section.body
+    else:  # elastic ÷ slice: 160 / 200 at S, 90 / 100 at L; the headline is slice S ÷ slice L
+        assert "elastic ÷ slice" in section.body and "full width" not in section.body
+        assert section.headline == "S: 2.00x slice L"
+        assert "| S | 300 | 200 | 4,000 | 160 | 0.8 | 2 |" in section.body
+        assert "| L | 600 | 100 | 4,000 | 90 | 0.9 | 1 |" in section.body
+
+
 def test_checkpoint_size_separates_weights_from_optimizer_state(runs):
     size = run_checkpoint_size(runs / "elastic")
     assert size is not None and (size.weights, size.total) == (3100, 9100)
