@@ -13,7 +13,21 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
 from megatron_ext.run_format import BUDGET_CHOICES, read_json, write_json
-from megatron_ext.training.loop import evaluate
+from megatron_ext.training.loop import batch_losses
+
+
+def batch_losses_at(
+    model: torch.nn.Module,
+    controller: ElasticController,
+    widths: Mapping[str, int],
+    valid_batches: list[dict],
+    pg_collection,
+) -> list[float]:
+    """Held-out loss of each batch of the elastic ``model`` at ``widths`` (deterministic, no
+    gates)."""
+    controller.set_gates(None)
+    with controller.at(dict(widths)):
+        return batch_losses(model, valid_batches, pg_collection)
 
 
 def evaluate_at(
@@ -23,10 +37,10 @@ def evaluate_at(
     valid_batches: list[dict],
     pg_collection,
 ) -> float:
-    """Held-out loss of the elastic ``model`` at ``widths`` (deterministic, no gates)."""
-    controller.set_gates(None)
-    with controller.at(dict(widths)):
-        return evaluate(model, valid_batches, pg_collection)
+    """Held-out loss of the elastic ``model`` at ``widths``: the mean of
+    :func:`batch_losses_at`."""
+    losses = batch_losses_at(model, controller, widths, valid_batches, pg_collection)
+    return sum(losses) / max(1, len(losses))
 
 
 def budget_figures(

@@ -42,7 +42,7 @@ from megatron_ext.distill_chunked import (
     hidden_states_only,
     output_head,
 )
-from megatron_ext.elastic.budget_eval import evaluate_at
+from megatron_ext.elastic.budget_eval import batch_losses_at
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.curriculum import sample_budget
 from megatron_ext.elastic.step import teacher_hidden_states
@@ -94,26 +94,42 @@ def recovery(ref: float, ptq: float, qad: float) -> float | None:
     return None if abs(gap) < 1e-6 else (ptq - qad) / gap
 
 
+def paired_se(a: list[float], b: list[float]) -> float | None:
+    """Standard error of ``mean(a) - mean(b)`` from the per-batch differences of two models
+    on the same held-out batches (``None`` with fewer than two batches)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
 def budget_figures(
     budgets: Budgets,
-    ref: Mapping[str, float],
-    ptq: Mapping[str, float],
-    qad: Mapping[str, float],
+    ref: Mapping[str, list[float]],
+    ptq: Mapping[str, list[float]],
+    qad: Mapping[str, list[float]],
     kd: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per budget: widths, unquantized / PTQ / QAD held-out loss, :func:`recovery` (``None``
-    without a QAD loss) and, from ``kd`` (``{"ptq": {...}, "qad": {...}}``), the held-out KD
-    loss from the teacher after PTQ and after QAD (``ptq_kd``, ``qad_kd``)."""
+    """Per budget, from the per-batch held-out losses of :func:`evaluate_budgets`: widths,
+    unquantized / PTQ / QAD held-out loss, :func:`recovery` (``None`` without a QAD loss), the
+    paired standard errors of the PTQ gap (``ptq_gap_se``) and of QAD's change
+    (``qad_change_se``, of PTQ − QAD) and, from ``kd`` (``{"ptq": {...}, "qad": {...}}``),
+    the held-out KD loss from the teacher after PTQ and after QAD (``ptq_kd``, ``qad_kd``)."""
     out = {}
     for name, widths in budgets.items():
-        q = qad.get(name)
-        out[name] = {
-            "widths": dict(widths),
-            "ref_loss": ref[name],
-            "ptq_loss": ptq[name],
-            "qad_loss": q,
-            "recovery": None if q is None else recovery(ref[name], ptq[name], q),
-        }
+        r, p, q = _mean(ref[name]), _mean(ptq[name]), None
+        out[name] = {"widths": dict(widths), "ref_loss": r, "ptq_loss": p, "qad_loss": None}
+        out[name]["ptq_gap_se"] = paired_se(ptq[name], ref[name])
+        if name in qad:
+            q = _mean(qad[name])
+            out[name] |= {"qad_loss": q, "qad_change_se": paired_se(ptq[name], qad[name])}
+        out[name]["recovery"] = None if q is None else recovery(r, p, q)
         for stage, values in (kd or {}).items():
             out[name][f"{stage}_kd"] = values.get(name)
     return out
@@ -121,10 +137,11 @@ def budget_figures(
 
 def evaluate_budgets(
     model: nn.Module, controller: ElasticController, budgets: Budgets, valid: list, pgs
-) -> dict[str, float]:
-    """Held-out loss of the elastic ``model`` at every budget's widths."""
+) -> dict[str, list[float]]:
+    """Held-out loss of each batch of the elastic ``model`` at every budget's widths."""
     return {
-        name: evaluate_at(model, controller, widths, valid, pgs) for name, widths in budgets.items()
+        name: batch_losses_at(model, controller, widths, valid, pgs)
+        for name, widths in budgets.items()
     }
 
 

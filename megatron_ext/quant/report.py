@@ -14,6 +14,7 @@ HEADERS = [
     "PTQ gap",
     "QAD gap",
     "recovery",
+    "± 2 SE",
     "PTQ KL",
     "QAD KL",
 ]
@@ -22,7 +23,9 @@ HEADERS = [
 def budget_rows(figures: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
     """One table row per budget, in :data:`HEADERS` order ('-' where QAD did not run).
 
-    The KL columns are the held-out KD loss from the teacher (the QAD objective)."""
+    *± 2 SE* is the recovery that twice the paired standard error of QAD's change over the
+    held-out batches would give: a recovery within it is no measurable change. The KL columns
+    are the held-out KD loss from the teacher (the QAD objective)."""
     rows = []
     for name, f in figures.items():
         qad = f.get("qad_loss")
@@ -35,11 +38,19 @@ def budget_rows(figures: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
                 f["ptq_loss"] - f["ref_loss"],
                 "-" if qad is None else qad - f["ref_loss"],
                 "-" if f.get("recovery") is None else f["recovery"],
+                recovery_noise(f),
                 "-" if f.get("ptq_kd") is None else f["ptq_kd"],
                 "-" if f.get("qad_kd") is None else f["qad_kd"],
             ]
         )
     return rows
+
+
+def recovery_noise(figures: Mapping[str, Any]) -> float | str:
+    """``2 * qad_change_se / |PTQ gap|``: the recovery a change of two paired standard errors
+    gives ('-' where QAD, its standard error or the gap is missing)."""
+    se, gap = figures.get("qad_change_se"), figures["ptq_loss"] - figures["ref_loss"]
+    return "-" if se is None or abs(gap) < 1e-6 else 2 * se / abs(gap)
 
 
 TASK_HEADERS = ["budget", "prompts", "ref accuracy", "PTQ accuracy", "QAD accuracy", "recovery"]

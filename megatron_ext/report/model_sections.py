@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.report.comparison_sections import NOISE_SIGMAS
 from megatron_ext.report.config import ReportConfig
 from megatron_ext.report.inputs import Missing, read_summary, run_checkpoint_size
 from megatron_ext.report.markdown import Section, md_table, not_run
@@ -282,14 +283,38 @@ def recovery_notes(fmt: str, budgets: dict[str, dict]) -> list[str]:
             f"{fmt} PTQ already loses under {NEGLIGIBLE_GAP} nats/token at every budget: "
             "there is nothing for QAD to recover, and its recovery ratio divides noise by noise.",
         ]
+    notes = _noise_notes(fmt, done)
     worse = {name: f["qad_loss"] - f["ptq_loss"] for name, f in done.items()}
     worse = {name: d for name, d in worse.items() if d > 0}
     if not worse:
-        return []
-    return [
+        return notes
+    return notes + [
         "",
         f"{fmt} QAD ends above its PTQ loss at {', '.join(worse)} (by up to "
         f"{max(worse.values()):.4f} nats/token), where PTQ lost at most "
         f"{max(gaps[n] for n in worse):.4f}: QAD's training steps moved the held-out loss "
         f"more than {fmt} rounding did, so for this format PTQ alone is the better model here.",
+    ]
+
+
+def _noise_notes(fmt: str, done: dict[str, dict]) -> list[str]:
+    """A sentence for the budgets whose QAD change of the held-out loss is within twice its
+    paired standard error (``qad_change_se``, from runs that record it)."""
+    within = {
+        name: f
+        for name, f in done.items()
+        if f.get("qad_change_se") is not None
+        and abs(f["ptq_loss"] - f["qad_loss"]) <= NOISE_SIGMAS * f["qad_change_se"]
+    }
+    if not within:
+        return []
+    changes = ", ".join(
+        f"{name} {f['ptq_loss'] - f['qad_loss']:+.4f} ± {f['qad_change_se']:.4f}"
+        for name, f in within.items()
+    )
+    return [
+        "",
+        f"{fmt} QAD's change of the held-out loss (PTQ − QAD, ± its paired standard error over "
+        f"the held-out batches) is within {NOISE_SIGMAS:g} standard errors at {changes}: no "
+        "measurable change there, so its recovery ratio is noise.",
     ]

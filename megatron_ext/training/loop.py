@@ -36,13 +36,14 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _dp_mean(value: float, pg_collection) -> float:
+def _dp_mean(values: list[float], pg_collection) -> list[float]:
+    """Each of ``values`` averaged over the data-parallel ranks (one all-reduce)."""
     group = pg_collection.dp
-    if group is None or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+    if group is None or dist.get_world_size(group) == 1 or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
-    return float(t.item()) / dist.get_world_size(group)
+    return [v / dist.get_world_size(group) for v in t.tolist()]
 
 
 def _pp_group(pg_collection) -> Any:
@@ -59,11 +60,11 @@ def _staged_losses(model: torch.nn.Module, batches: list[Batch], pg_collection) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> float:
-    """Held-out loss: mean over ``batches`` and over data-parallel ranks.
+def batch_losses(model: torch.nn.Module, batches: list[Batch], pg_collection) -> list[float]:
+    """Held-out loss of each of ``batches``, averaged over data-parallel ranks.
 
     Under pipeline parallelism ``model`` is this rank's stage; the batches go through
-    megatron's schedule (forward only) and every stage returns the same value.
+    megatron's schedule (forward only) and every stage returns the same values.
     """
     was_training = model.training
     model.eval()
@@ -72,7 +73,13 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> flo
     else:
         losses = [float(lm_loss(model, b)) for b in batches]
     model.train(was_training)
-    return _dp_mean(sum(losses) / max(1, len(losses)), pg_collection)
+    return _dp_mean(losses, pg_collection)
+
+
+def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> float:
+    """Held-out loss: the mean of :func:`batch_losses` (0.0 without batches)."""
+    losses = batch_losses(model, batches, pg_collection)
+    return sum(losses) / max(1, len(losses))
 
 
 @dataclass

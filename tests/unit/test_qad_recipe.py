@@ -140,6 +140,8 @@ def test_qad_reports_every_budget_with_reference_ptq_qad_and_recovery(nvfp4, ela
         # NVFP4 does change the model: its logits move (the loss itself may move by less
         # than 1e-4 either way on this 60-step parent, so the KD from the reference is used)
         assert f["ptq_kd"] > 1e-5 and f["ptq_loss"] != f["ref_loss"]
+        # paired over the same held-out batches: positive, and far below the loss itself
+        assert 0.0 < f["ptq_gap_se"] < 0.01 and 0.0 < f["qad_change_se"] < 0.01
     assert summary["backend"]["name"] == "fake" and summary["backend"]["why"]
     assert summary["format"] == "nvfp4" and summary["qad"]["steps"] == 12
     assert (run_dir / "quant_budgets.png").stat().st_size > 1000

@@ -283,6 +283,27 @@ def test_quantization_notes_say_when_qad_ends_above_ptq_or_there_was_nothing_to_
     assert "nothing for QAD to recover" in " ".join(recovery_notes("FP8", tiny))
     recovered = {"L": {"ref_loss": 1.0, "ptq_loss": 1.5, "qad_loss": 1.1}}
     assert recovery_notes("NVFP4", recovered) == []
+    # a change of 0.0003 with a standard error of 0.0002 is within 2 SE; 0.4 ± 0.01 is not
+    noisy = {
+        "L": {"ref_loss": 1.0, "ptq_loss": 1.006, "qad_loss": 1.0057, "qad_change_se": 0.0002},
+        "S": {"ref_loss": 1.0, "ptq_loss": 1.5, "qad_loss": 1.1, "qad_change_se": 0.01},
+    }
+    text = " ".join(recovery_notes("NVFP4", noisy))
+    assert "within 2 standard errors at L +0.0003 ± 0.0002: no measurable change" in text
+    assert "S +" not in text
+
+
+def test_paired_standard_error_is_that_of_the_mean_per_batch_difference():
+    from megatron_ext.quant.qad import paired_se
+    from megatron_ext.quant.report import recovery_noise
+
+    # differences 0.1, 0.3: mean 0.2, sample sd sqrt(0.02), SE sqrt(0.02 / 2) = 0.1
+    assert paired_se([1.1, 2.3], [1.0, 2.0]) == pytest.approx(0.1)
+    assert paired_se([5.0, 7.0, 9.0], [4.0, 6.0, 8.0]) == pytest.approx(0.0)  # a constant shift
+    assert paired_se([1.0], [0.5]) is None
+    figures = {"ref_loss": 1.0, "ptq_loss": 1.1, "qad_change_se": 0.01}
+    assert recovery_noise(figures) == pytest.approx(0.2)  # 2 * 0.01 / 0.1
+    assert recovery_noise({"ref_loss": 1.0, "ptq_loss": 1.1}) == "-"
 
 
 def test_quantization_task_table_gives_each_stage_with_its_standard_error_and_the_recovery():
