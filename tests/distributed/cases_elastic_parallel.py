@@ -9,7 +9,8 @@ EP=2 for the EP=2 case, so narrow compute has a local prefix on every rank). Its
 move to the other layouts through megatron-core ``dist_checkpointing`` (saved at TP=1,
 loaded at TP=2 or EP=2); the TP=1 slices of the small budget and of the small budget with
 fewer layers (``depth``) are saved with ``save_slice`` and loaded at TP=2 / EP=2 as plain
-smaller models.
+smaller models. At PP=2 the elastic model and a depth slice (4 of 8 layers, which the elastic
+model's stages hold 3 + 1 and the slice's 2 + 2) run forward-only through megatron's schedule.
 Vocab-parallel logits are gathered over the TP group before comparing.
 """
 
@@ -58,15 +59,20 @@ SMALL = {
     "moe_ffn": 32,
 }
 SHALLOW = {**SMALL, "depth": 5}
+# Depth 4 keeps layers 0, 1, 3, 4: at PP=2 the elastic model's stage 0 (layers 0-3) keeps
+# three of them and stage 1 one, while the 4-layer slice splits 2 + 2, so layer 3 moves stage.
+SHALLOW4 = {**SMALL, "depth": 4}
+TP1 = StripeLayout(layer_order=ORDER)
 BUDGETS = {
     "full": {},
     **{axis: {axis: w} for axis, w in SMALL.items()},
     "all": SMALL,
     "depth": {"depth": 5},
     "all_depth": SHALLOW,
+    "all_depth4": SHALLOW4,
 }
 NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
-NARROW += ("depth", "all_depth")
+NARROW += ("depth", "all_depth", "all_depth4")
 
 
 def layout(tp: int = 1, ep: int = 1):
@@ -133,7 +139,7 @@ def reference(work: Path) -> dict:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     save_sharded(model.sharded_state_dict(), fresh_dir(work / "weights"))
     ref: dict = {}
-    for stripes in (TP1_EP2, TP2_EP2):  # the slice is saved with the last one
+    for stripes in (TP1, TP1_EP2, TP2_EP2):  # the slices are saved with the last one
         ctrl = ElasticController(MODEL, stripes)
         convert_to_elastic(model, ctrl)
         ref[stripes] = {}
@@ -142,6 +148,7 @@ def reference(work: Path) -> dict:
                 ref[stripes][name] = logits(model, pgs)
         save_slice(model, SMALL, fresh_dir(work / "slice"), pgs)
         save_slice(model, SHALLOW, fresh_dir(work / "slice_depth"), pgs)
+        save_slice(model, SHALLOW4, fresh_dir(work / "slice_depth4"), pgs)
         export(model)
     return ref
 
@@ -180,6 +187,48 @@ def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) 
     return result
 
 
+def staged_diff(model, pgs, ref: torch.Tensor) -> float:
+    """Max |logits - ref| of a PP-staged ``model`` run forward-only through megatron's
+    schedule: the last stage's value on every rank (-1.0 if no stage produced logits)."""
+    from megatron_ext.training.pipeline import teacher_logits
+
+    tokens, positions, _ = inputs()
+    batches = [{"tokens": tokens, "position_ids": positions}]
+    out = teacher_logits(model, batches, pgs, seq_length=SEQ)
+    diff = torch.tensor([(out[0] - ref).abs().max().item() if out else -1.0], dtype=torch.float64)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+def pipeline_at(work: Path, refs: dict) -> dict:
+    """At PP=2: the elastic model (masked and narrow) at every depth budget and the depth-4
+    slice, each against the one-process elastic logits."""
+    from megatron.core import dist_checkpointing
+
+    par = ParallelConfig(nproc=NPROC, pp=2, timeout_s=300)
+    pgs = init_distributed(par)
+    model = build_model(MODEL, par, pgs).eval()
+    model.load_state_dict(
+        dist_checkpointing.load(model.sharded_state_dict(), str(work / "weights"))
+    )
+    ctrl = ElasticController(MODEL, TP1)
+    convert_to_elastic(model, ctrl)
+    result: dict = {"masked": {}, "narrow": {}, "pp": pgs.pp.size()}
+    for name in ("full", "depth", "all_depth", "all_depth4"):
+        for mode in ("masked", "narrow"):
+            with ctrl.at(BUDGETS[name], mode=mode):
+                result[mode][name] = staged_diff(model, pgs, refs[TP1][name])
+    config = HybridModelConfig(**json.loads((work / "slice_depth4" / MODEL_CONFIG).read_text()))
+    small = build_model(config, par, pgs).eval()
+    path = work / "slice_depth4" / "iter_0000000"
+    small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
+    result["slice_vs_elastic_depth4"] = staged_diff(small, pgs, refs[TP2_EP2]["all_depth4"])
+    layers = [None] * dist.get_world_size()
+    dist.all_gather_object(layers, len(small.decoder.layers))
+    result["slice_stage_layers"] = layers
+    return result
+
+
 def worst_over_ranks(result: dict) -> dict:
     """Every measured diff replaced by its maximum over the ranks."""
 
@@ -215,6 +264,14 @@ def main(out: Path) -> None:
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         results[name]["seconds"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    try:
+        if ref is None:
+            raise RuntimeError("the TP=1 reference failed")
+        results["pp2"] = pipeline_at(work, ref)
+    except Exception:
+        results["pp2"] = {"error": traceback.format_exc()}
+    results["pp2"]["seconds"] = round(time.perf_counter() - start, 2)
     if dist.get_rank() == 0:
         payload = {"cases": results, "seconds": round(time.perf_counter() - t0, 2)}
         out.write_text(json.dumps(payload, indent=1))

@@ -8,7 +8,8 @@ partial products in another order (rounding, ~1e-7 relative per operation; measu
 over eight layers on logits of order 1); EP only moves whole experts (measured 0). A wrong
 local mask (a shard that keeps the wrong heads, channels or experts) gives order one. So:
 max abs diff <= 1e-5 for masked and narrow compute at every budget, and for the TP=1 slice
-loaded at TP=2 / EP=2 against the elastic TP=1 logits.
+loaded at TP=2 / EP=2 against the elastic TP=1 logits. At PP=2 nothing is split inside a
+layer (the stages pass whole activations), so the same bound is loose there.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ BUDGETS = (
     "all",
     "depth",
     "all_depth",
+    "all_depth4",
 )
 NARROW = ("embedding", "ffn", "moe_ffn", "attn_heads", "mamba_heads", "mamba_head_dim", "all")
 NARROW += ("depth", "all_depth")  # depth 5 of 8 layers, alone and with every width small
+NARROW += ("all_depth4",)  # depth 4 of 8 layers with every width small
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,20 @@ def test_tp1_depth_slice_loaded_at_another_layout_equals_elastic_logits(results,
     result = case(results, name)
     assert result["slice_layers_depth"] == 5
     assert result["slice_vs_masked_depth"] <= ATOL, result["slice_vs_masked_depth"]
+
+
+def test_pp2_elastic_logits_with_skipped_layers_on_both_stages_equal_one_process(results):
+    result = case(results, "pp2")
+    assert result["pp"] == 2
+    for mode in ("masked", "narrow"):
+        assert set(result[mode]) == {"full", "depth", "all_depth", "all_depth4"}
+        for budget, diff in result[mode].items():
+            assert 0.0 <= diff <= ATOL, (mode, budget, diff)  # -1: no stage gave logits
+
+
+def test_depth_slice_at_pp2_equals_elastic_logits_though_its_layers_change_stage(results):
+    """Depth 4 keeps layers 0, 1, 3, 4: 3 + 1 on the elastic model's stages, 2 + 2 on the
+    slice's (renumbered 0-3), so layer 3 runs on the other stage."""
+    result = case(results, "pp2")
+    assert result["slice_stage_layers"] == [2, 2]
+    assert 0.0 <= result["slice_vs_elastic_depth4"] <= ATOL, result["slice_vs_elastic_depth4"]
