@@ -153,15 +153,25 @@ def reference(work: Path) -> dict:
     return ref
 
 
-def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) -> dict:
-    """Elastic masked (and narrow) logits at a budget at tp/ep equal the TP=1 ones."""
+def load_at(par, pgs, folder: Path, config: HybridModelConfig = MODEL):
+    """A model of ``config`` built for this layout with the weights saved in ``folder``."""
     from megatron.core import dist_checkpointing
 
+    model = build_model(config, par, pgs).eval()
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(folder)))
+    return model
+
+
+def load_slice(par, pgs, folder: Path):
+    """The slice saved in ``folder`` as a plain smaller model at this layout."""
+    config = HybridModelConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
+    return load_at(par, pgs, folder / "iter_0000000", config)
+
+
+def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) -> dict:
+    """Elastic masked (and narrow) logits at a budget at tp/ep equal the TP=1 ones."""
     par, pgs = layout(tp, ep)
-    model = build_model(MODEL, par, pgs).eval()
-    model.load_state_dict(
-        dist_checkpointing.load(model.sharded_state_dict(), str(work / "weights"))
-    )
+    model = load_at(par, pgs, work / "weights")
     ctrl = ElasticController(MODEL, stripes)
     convert_to_elastic(model, ctrl)
     ref = refs[stripes]
@@ -176,13 +186,10 @@ def elastic_at(work: Path, refs: dict, tp: int, ep: int, stripes: StripeLayout) 
     result["narrow_grad_gap_depth"] = narrow_grad_gap(model, ctrl, SHALLOW)
     # the TP=1 slices load as plain smaller models at this layout
     for key, folder, budget in (("", "slice", "all"), ("_depth", "slice_depth", "all_depth")):
-        config = HybridModelConfig(**json.loads((work / folder / MODEL_CONFIG).read_text()))
-        small = build_model(config, par, pgs).eval()
-        path = work / folder / "iter_0000000"
-        small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
+        small = load_slice(par, pgs, work / folder)
         diff = (logits(small, pgs) - refs[TP2_EP2][budget]).abs().max().item()
         result[f"slice_vs_masked{key}"] = diff
-        result[f"slice_layers{key}"] = config.num_layers
+        result[f"slice_layers{key}"] = len(small.decoder.layers)
     result["tp"], result["ep"] = pgs.tp.size(), pgs.ep.size()
     return result
 
@@ -203,14 +210,9 @@ def staged_diff(model, pgs, ref: torch.Tensor) -> float:
 def pipeline_at(work: Path, refs: dict) -> dict:
     """At PP=2: the elastic model (masked and narrow) at every depth budget and the depth-4
     slice, each against the one-process elastic logits."""
-    from megatron.core import dist_checkpointing
-
     par = ParallelConfig(nproc=NPROC, pp=2, timeout_s=300)
     pgs = init_distributed(par)
-    model = build_model(MODEL, par, pgs).eval()
-    model.load_state_dict(
-        dist_checkpointing.load(model.sharded_state_dict(), str(work / "weights"))
-    )
+    model = load_at(par, pgs, work / "weights")
     ctrl = ElasticController(MODEL, TP1)
     convert_to_elastic(model, ctrl)
     result: dict = {"masked": {}, "narrow": {}, "pp": pgs.pp.size()}
@@ -218,10 +220,7 @@ def pipeline_at(work: Path, refs: dict) -> dict:
         for mode in ("masked", "narrow"):
             with ctrl.at(BUDGETS[name], mode=mode):
                 result[mode][name] = staged_diff(model, pgs, refs[TP1][name])
-    config = HybridModelConfig(**json.loads((work / "slice_depth4" / MODEL_CONFIG).read_text()))
-    small = build_model(config, par, pgs).eval()
-    path = work / "slice_depth4" / "iter_0000000"
-    small.load_state_dict(dist_checkpointing.load(small.sharded_state_dict(), str(path)))
+    small = load_slice(par, pgs, work / "slice_depth4")
     result["slice_vs_elastic_depth4"] = staged_diff(small, pgs, refs[TP2_EP2]["all_depth4"])
     layers = [None] * dist.get_world_size()
     dist.all_gather_object(layers, len(small.decoder.layers))
@@ -255,23 +254,20 @@ def main(out: Path) -> None:
     except Exception:
         ref = None
         results["reference"] = {"error": traceback.format_exc()}
-    for name, (tp, ep, stripes) in {"tp2": (2, 1, TP2_EP2), "ep2": (1, 2, TP1_EP2)}.items():
+    cases = {
+        "tp2": lambda: worst_over_ranks(elastic_at(work, ref, 2, 1, TP2_EP2)),
+        "ep2": lambda: worst_over_ranks(elastic_at(work, ref, 1, 2, TP1_EP2)),
+        "pp2": lambda: pipeline_at(work, ref),
+    }
+    for name, run in cases.items():
         start = time.perf_counter()
         try:
             if ref is None:
                 raise RuntimeError("the TP=1 reference failed")
-            results[name] = worst_over_ranks(elastic_at(work, ref, tp, ep, stripes))
+            results[name] = run()
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         results[name]["seconds"] = round(time.perf_counter() - start, 2)
-    start = time.perf_counter()
-    try:
-        if ref is None:
-            raise RuntimeError("the TP=1 reference failed")
-        results["pp2"] = pipeline_at(work, ref)
-    except Exception:
-        results["pp2"] = {"error": traceback.format_exc()}
-    results["pp2"]["seconds"] = round(time.perf_counter() - start, 2)
     if dist.get_rank() == 0:
         payload = {"cases": results, "seconds": round(time.perf_counter() - t0, 2)}
         out.write_text(json.dumps(payload, indent=1))
