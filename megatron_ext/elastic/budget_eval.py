@@ -13,7 +13,7 @@ from megatron_ext.elastic.config import ElasticConfig
 from megatron_ext.elastic.controller import ElasticController
 from megatron_ext.elastic.cost import CostModel
 from megatron_ext.run_format import BUDGET_CHOICES, read_json, write_json
-from megatron_ext.training.loop import batch_losses
+from megatron_ext.training.loop import batch_losses, mean_loss
 
 
 def batch_losses_at(
@@ -39,8 +39,7 @@ def evaluate_at(
 ) -> float:
     """Held-out loss of the elastic ``model`` at ``widths``: the mean of
     :func:`batch_losses_at`."""
-    losses = batch_losses_at(model, controller, widths, valid_batches, pg_collection)
-    return sum(losses) / max(1, len(losses))
+    return mean_loss(batch_losses_at(model, controller, widths, valid_batches, pg_collection))
 
 
 def budget_figures(

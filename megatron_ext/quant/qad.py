@@ -51,6 +51,7 @@ from megatron_ext.models.config import require
 from megatron_ext.quant.config import QADConfig
 from megatron_ext.runtime import is_main
 from megatron_ext.training.engine import Engine
+from megatron_ext.training.loop import mean_loss
 from megatron_ext.training.pipeline import is_last_stage, metrics_on_every_stage, pipeline_stages
 from megatron_ext.training.preemption import PreemptionHandler, save_or_stop
 from megatron_ext.training.state import loop_state, restore_loop_state
@@ -105,10 +106,6 @@ def paired_se(a: list[float], b: list[float]) -> float | None:
     return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(1, len(values))
-
-
 def budget_figures(
     budgets: Budgets,
     ref: Mapping[str, list[float]],
@@ -123,11 +120,11 @@ def budget_figures(
     the held-out KD loss from the teacher after PTQ and after QAD (``ptq_kd``, ``qad_kd``)."""
     out = {}
     for name, widths in budgets.items():
-        r, p, q = _mean(ref[name]), _mean(ptq[name]), None
+        r, p, q = mean_loss(ref[name]), mean_loss(ptq[name]), None
         out[name] = {"widths": dict(widths), "ref_loss": r, "ptq_loss": p, "qad_loss": None}
         out[name]["ptq_gap_se"] = paired_se(ptq[name], ref[name])
         if name in qad:
-            q = _mean(qad[name])
+            q = mean_loss(qad[name])
             out[name] |= {"qad_loss": q, "qad_change_se": paired_se(ptq[name], qad[name])}
         out[name]["recovery"] = None if q is None else recovery(r, p, q)
         for stage, values in (kd or {}).items():
@@ -176,7 +173,7 @@ def evaluate_kd(
             metrics = metrics_on_every_stage(
                 student, batches, step.forward_step, pgs, seq_length=seq
             )
-        out[name] = _dp_mean(sum(m["kd"] for m in metrics) / max(1, len(metrics)), pgs)
+        out[name] = _dp_mean(mean_loss([m["kd"] for m in metrics]), pgs)
     return out
 
 

@@ -76,10 +76,14 @@ def batch_losses(model: torch.nn.Module, batches: list[Batch], pg_collection) ->
     return _dp_mean(losses, pg_collection)
 
 
+def mean_loss(losses: list[float]) -> float:
+    """The mean of per-batch ``losses`` (0.0 without batches)."""
+    return sum(losses) / max(1, len(losses))
+
+
 def evaluate(model: torch.nn.Module, batches: list[Batch], pg_collection) -> float:
     """Held-out loss: the mean of :func:`batch_losses` (0.0 without batches)."""
-    losses = batch_losses(model, batches, pg_collection)
-    return sum(losses) / max(1, len(losses))
+    return mean_loss(batch_losses(model, batches, pg_collection))
 
 
 @dataclass
